@@ -1,0 +1,117 @@
+"""The gateway: collectors, outbox and publisher wired together in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from gateway.backoff import Backoff
+from gateway.collectors import Collector
+from gateway.collectors.modbus.collector import ModbusCollector
+from gateway.config import Settings
+from gateway.errors import BrokerUnavailable, PublishError
+from gateway.model import AssetPath
+from gateway.outbox import Outbox
+from gateway.poller import poll
+from gateway.publishers.mqtt import MqttConnection
+from gateway.publishers.uns import connect_uns
+
+log = logging.getLogger(__name__)
+
+
+def make_collector(device: Any) -> Collector:
+    """The collector for one configured device (dispatch on its protocol)."""
+    if device.protocol == "modbus":
+        return ModbusCollector(device)
+    raise ValueError(f"no collector for protocol {device.protocol!r}")  # config rejects this first
+
+
+async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int) -> None:
+    """Move readings from the outbox to the broker forever: lease, publish, ack.
+
+    A batch is acked only after the broker confirmed every message in it; any failure
+    releases it, so the same readings (same `seq`) are published again, in order.
+    """
+    backoff = Backoff(initial=0.5, cap=10.0)
+    while True:
+        await outbox.wait()
+        await connection.wait_connected()
+        batch = await outbox.lease(batch_size)
+        if not batch:
+            continue
+        try:
+            await publisher.publish(batch)
+        except BrokerUnavailable:
+            await outbox.release(batch)  # the connection task reconnects; wait_connected() waits for it
+        except PublishError as exc:
+            # The broker refused a message (e.g. not authorised for a topic). Retrying keeps
+            # the data and the problem visible; skipping would lose readings silently.
+            await outbox.release(batch)
+            log.error("broker refused a message: %s", exc)
+            await asyncio.sleep(backoff.next())
+        else:
+            await outbox.ack(batch)
+            backoff.reset()
+
+
+class Gateway:
+    """Runs one configuration until `stop()`; on the way out commits, says offline, disconnects."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        outbox = await Outbox.open(
+            s.outbox.path, max_rows=s.outbox.max_rows, max_bytes=s.outbox.max_bytes, policy=s.outbox.policy
+        )
+        collectors = [(device, make_collector(device)) for device in s.devices]
+        described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
+            device.name: (s.asset(device), collector.describe()) for device, collector in collectors
+        }
+        connection, publisher = connect_uns(s.mqtt, s.gateway, described)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                link = tasks.create_task(connection.run(), name="mqtt")
+                fwd = tasks.create_task(forward(outbox, publisher, connection, s.mqtt.batch), name="forward")
+                pollers = [
+                    tasks.create_task(poll(c, d.poll, outbox.append), name=f"poll {d.name}")
+                    for d, c in collectors
+                ]
+                log.info(
+                    "gateway %s running: %d device(s), outbox %s, broker %s",
+                    s.gateway.id, len(collectors), s.outbox.path, s.mqtt.url,
+                )  # fmt: skip
+                await self._stop.wait()
+                # Collectors first, so every reading they made is committed before we leave.
+                for task in pollers:
+                    task.cancel()
+                await asyncio.gather(*pollers, return_exceptions=True)
+                fwd.cancel()
+                await asyncio.gather(fwd, return_exceptions=True)
+                await publisher.close()
+                link.cancel()
+        finally:
+            for _, collector in collectors:
+                await collector.close()
+            await outbox.close()
+        log.info("gateway %s stopped", s.gateway.id)
+
+
+async def run(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.stop)
+    try:
+        await gateway.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

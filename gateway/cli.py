@@ -1,0 +1,164 @@
+"""The `millwright` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__, config
+from gateway.errors import ConfigError, OutboxError
+
+EXIT_CONFIG = 2  # bad config or usage: systemd must not restart into the same error
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="millwright",
+        description="Industrial edge gateway: Modbus (and soon OPC UA) to MQTT, with a durable local buffer.",
+    )
+    p.add_argument("--version", action="version", version=f"millwright {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (overrides the config)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway with a config file until SIGTERM/Ctrl-C")
+    run.add_argument("config", type=Path, help="YAML config file")
+
+    check = sub.add_parser("check", help="validate config files; exit 0 if all are valid, 2 if not")
+    check.add_argument("config", type=Path, nargs="+", help="YAML config file(s)")
+
+    sub.add_parser("schema", help="print the JSON Schema of the config file")
+
+    outbox = sub.add_parser("outbox", help="inspect an outbox database")
+    osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    stats = osub.add_parser("stats", help="print depth, oldest age and drops of an outbox file")
+    stats.add_argument("file", type=Path, help="the outbox SQLite file (outbox.path in the config)")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sim = sub.add_parser("simulate", help="run a bundled device simulator")
+    ssub = sim.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    modbus = ssub.add_parser("modbus", help="Modbus TCP stamping press (register map: simulators/MODBUS.md)")
+    modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    modbus.add_argument("--port", type=int, default=5020, help="TCP port (default 5020)")
+    modbus.add_argument(
+        "--units", default="1,2", help="comma-separated unit ids, one press each (default 1,2)"
+    )
+    modbus.add_argument("--seed", type=int, default=None, help="random seed, for repeatable signals")
+
+    demo = sub.add_parser("demo", help="simulator + gateway + broker together; readings shown live")
+    demo.add_argument(
+        "--broker", default=None, metavar="URL",
+        help="publish to this broker (mqtt://host:port); default: start a private one",
+    )  # fmt: skip
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: Ctrl-C)",
+    )
+    return p
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pymodbus logs every failed connect at ERROR; our poller reports state changes once.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"millwright: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        return _check(args.config)
+    if args.command == "schema":
+        sys.stdout.write(config.schema())
+        return 0
+    if args.command == "outbox":
+        return _outbox_stats(args.file, as_json=args.json)
+    if args.command == "run":
+        settings = config.load(args.config)
+        _logging("debug" if args.verbose else settings.gateway.log_level)
+        from gateway.app import run
+
+        asyncio.run(run(settings))
+        return 0
+    if args.command == "simulate":
+        _logging("debug" if args.verbose else "info")
+        return _simulate(args)
+    if args.command == "demo":
+        _logging("debug" if args.verbose else "warning")
+        from gateway.demo import demo
+
+        return asyncio.run(demo(broker=args.broker, duration=args.duration))
+    raise AssertionError(args.command)  # argparse allows no other command
+
+
+def _check(files: list[Path]) -> int:
+    failed = False
+    for file in files:
+        try:
+            settings = config.load(file)
+        except ConfigError as exc:
+            print(f"millwright: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        tags = sum(len(d.tags) for d in settings.devices)
+        print(f"{file}: ok ({len(settings.devices)} device(s), {tags} tag(s))")
+    return EXIT_CONFIG if failed else 0
+
+
+def _outbox_stats(file: Path, *, as_json: bool) -> int:
+    from gateway.outbox import read_stats
+
+    try:
+        stats = read_stats(file)
+    except OutboxError as exc:
+        print(f"millwright: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({
+            "depth": stats.depth, "oldest_age": stats.oldest_age, "dropped": stats.dropped,
+            "bytes": stats.bytes, "last_seq": stats.last_seq,
+        }))  # fmt: skip
+        return 0
+    age = "-" if stats.oldest_age is None else f"{stats.oldest_age:.1f} s"
+    print(f"file:        {file}")
+    print(f"depth:       {stats.depth} reading(s) waiting")
+    print(f"oldest age:  {age}")
+    print(f"dropped:     {stats.dropped} reading(s) since the file was created")
+    print(f"last seq:    {stats.last_seq}")
+    print(f"size:        {stats.bytes} bytes")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulators.modbus import serve
+
+    try:
+        units = [int(u) for u in args.units.split(",") if u.strip()]
+    except ValueError:
+        print(f"millwright: --units {args.units!r}: expected numbers like 1,2", file=sys.stderr)
+        return EXIT_CONFIG
+    log.warning("Modbus simulator on %s:%d, unit(s) %s; Ctrl-C to stop", args.host, args.port, units)
+    asyncio.run(serve(args.host, args.port, units, args.seed))
+    return 0

@@ -1,0 +1,1 @@
+"""Modbus TCP collector: settings, codec, request planner and the collector itself."""

@@ -1,0 +1,241 @@
+"""The config file: pydantic models, `${ENV}` substitution and errors that name the key path.
+
+Each protocol's device model lives beside its collector; this module composes them into
+one `Settings` with a discriminated union on `protocol:`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.errors import ConfigError
+from gateway.model import AssetPath
+from gateway.settings_types import Duration, Model, Segment
+
+Device = Annotated[ModbusDevice, Field(discriminator="protocol")]
+DEVICE_PROTOCOLS = ("modbus",)
+
+
+class GatewaySettings(Model):
+    id: Segment = Field(description="This gateway's id; used in its status topic and MQTT client id.")
+    enterprise: Segment = Field(description="ISA-95 enterprise: first segment of every topic.")
+    site: Segment = Field(description="ISA-95 site.")
+    area: Segment = Field(description="ISA-95 area.")
+    line: Segment = Field(description="ISA-95 line (work center).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log verbosity."
+    )
+
+
+class OutboxSettings(Model):
+    path: Path = Field(description="SQLite file of the store-and-forward buffer; created if missing.")
+    max_rows: int = Field(
+        default=1_000_000, ge=100, description="Most readings kept while the broker is away."
+    )
+    max_bytes: int | None = Field(
+        default=None, ge=1_000_000, description="Optional cap on the database file size, in bytes."
+    )
+    policy: Literal["drop_oldest", "drop_newest"] = Field(
+        default="drop_oldest",
+        description="What to drop when full: the oldest buffered readings, or the new ones. "
+        "Every dropped reading is counted and logged.",
+    )
+
+
+class MqttSettings(Model):
+    url: str = Field(
+        description="mqtt://host:port, or mqtts://host:port for TLS (default ports 1883 / 8883)."
+    )
+    format: Literal["uns"] = Field(
+        default="uns", description="uns: one JSON message per tag on an ISA-95 topic."
+    )
+    version: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
+    client_id: str | None = Field(default=None, description="Default: millwright-<gateway id>.")
+    username: str | None = Field(
+        default=None, description="Broker user name; use ${ENV} rather than a literal."
+    )
+    password: str | None = Field(default=None, description="Broker password; prefer ${ENV} or password_file.")
+    password_file: Path | None = Field(default=None, description="File whose first line is the password.")
+    ca: Path | None = Field(default=None, description="CA bundle for mqtts://; default: the system store.")
+    cert: Path | None = Field(default=None, description="Client certificate (PEM) for mutual TLS.")
+    key: Path | None = Field(default=None, description="Client private key (PEM) for mutual TLS.")
+    tls_insecure: bool = Field(
+        default=False,
+        description="Skip server certificate verification (logs a warning). Never in production.",
+    )
+    keepalive: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, in seconds.")
+    batch: int = Field(default=500, ge=1, le=10_000, description="Readings published per outbox lease.")
+    max_inflight: int = Field(
+        default=200, ge=1, le=65_535, description="QoS 1 messages awaiting PUBACK at once."
+    )
+    connect_timeout: Duration = Field(default=10.0, description="Give up one connection attempt after this.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError("the URL has no host")
+        try:
+            parts.port  # noqa: B018  (parsing the port is the check)
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Self:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    def secret(self) -> str | None:
+        """The password, read from password_file when one is given."""
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").splitlines()[0]
+        return self.password
+
+
+class Settings(Model):
+    gateway: GatewaySettings
+    outbox: OutboxSettings
+    mqtt: MqttSettings
+    devices: list[Device] = Field(min_length=1, description="Devices to collect from.")
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Self:
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.name in seen:
+                raise ValueError(f"device name {device.name!r} is used twice")
+            seen.add(device.name)
+        return self
+
+    def asset(self, device: ModbusDevice) -> AssetPath:
+        g, o = self.gateway, device.asset
+        return AssetPath(
+            o.enterprise or g.enterprise, o.site or g.site, o.area or g.area, o.line or g.line, device.name
+        )
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(node: Any, where: str, env: dict[str, str], problems: list[str]) -> Any:
+    """Replace ${NAME} in every string value; a missing variable is a config error."""
+    if isinstance(node, dict):
+        return {k: _expand(v, _join(where, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{where}[{i}]", env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                problems.append(f"{where}: environment variable {name} is not set")
+                return ""
+            return env[name]
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    """('devices', 0, 'modbus', 'tags', 2, 'address') -> devices[0].tags[2].address"""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in DEVICE_PROTOCOLS and out.endswith("]") and out.startswith("devices"):
+            continue  # the discriminated union's branch name is not a key in the file
+        else:
+            out = _join(out, part)
+    return out or "(top level)"
+
+
+def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
+    """Validate config text; raise ConfigError naming `file` and every bad key path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(file, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if raw is None:
+        raise ConfigError(file, ["the file is empty"])
+    if not isinstance(raw, dict):
+        raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)"])
+    problems: list[str] = []
+    expanded = _expand(raw, "", dict(os.environ) if env is None else env, problems)
+    if problems:
+        raise ConfigError(file, problems)
+    try:
+        settings = Settings.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(file, [_describe(err) for err in exc.errors()]) from None
+    # Relative paths in the file are relative to the file, not to wherever the service started.
+    base = Path(file).resolve().parent
+    if not settings.outbox.path.is_absolute():
+        outbox = settings.outbox.model_copy(update={"path": base / settings.outbox.path})
+        settings = settings.model_copy(update={"outbox": outbox})
+    return settings
+
+
+def _describe(err: Any) -> str:
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see `millwright schema`)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "union_tag_invalid":
+        protocol = err["input"].get("protocol")
+        msg = f"unknown protocol {protocol!r}; expected one of {', '.join(DEVICE_PROTOCOLS)}"
+    elif err["type"] == "union_tag_not_found":
+        msg = f"protocol: is missing; expected one of {', '.join(DEVICE_PROTOCOLS)}"
+    return f"{_key_path(err['loc'])}: {msg}"
+
+
+def load(path: str | Path) -> Settings:
+    """Read and validate a config file. Raises ConfigError (the CLI exits 2)."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    return parse(text, file)
+
+
+def schema() -> str:
+    """The JSON Schema of the config file, as committed in config/schema.json."""
+    doc = Settings.model_json_schema(mode="validation")
+    doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    doc["title"] = "Millwright gateway configuration"
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"

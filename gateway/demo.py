@@ -1,0 +1,108 @@
+"""`millwright demo`: simulator, gateway and broker in one process, readings shown live."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway import config
+from gateway.app import Gateway
+from gateway.broker import LocalBroker
+from simulators.modbus import ModbusSimulator
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+
+
+def _settings(sim_port: int, broker_url: str, version: str, outbox: Path) -> config.Settings:
+    settings = config.load(DEMO_CONFIG)
+    devices = [d.model_copy(update={"port": sim_port}) for d in settings.devices]
+    mqtt_settings = settings.mqtt.model_copy(update={"url": broker_url, "version": version})
+    outbox_settings = settings.outbox.model_copy(update={"path": outbox})
+    return settings.model_copy(update={"devices": devices, "mqtt": mqtt_settings, "outbox": outbox_settings})
+
+
+class _Watcher:
+    """Subscribes to the gateway's namespace and prints each reading as it arrives."""
+
+    def __init__(self, url: str, topic: str, loop: asyncio.AbstractEventLoop) -> None:
+        host_port = url.split("://", 1)[1]
+        host, _, port = host_port.partition(":")
+        self.count = 0
+        self._loop = loop
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"millwright-demo-{time.time_ns()}")
+        self._client.on_message = self._on_message
+        self._client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self._client.connect(host, int(port or 1883))
+        self._client.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self._loop.call_soon_threadsafe(self._show, msg.topic, bytes(msg.payload))
+
+    def _show(self, topic: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return
+        parts = topic.split("/")
+        if parts[-1] == "status" or parts[-1] == "_meta" or not isinstance(body, dict) or "seq" not in body:
+            return
+        self.count += 1
+        value = body["value"]
+        shown = f"{value:.2f}" if isinstance(value, float) else json.dumps(value)
+        unit = body.get("unit") or ""
+        where = "/".join(parts[-2:])
+        clock, quality, seq = body["timestamp"][11:23], body["quality"], body["seq"]
+        print(f"{clock}  {where:<28} {shown:>12} {unit:<5} {quality:<9} seq {seq}", flush=True)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+async def demo(broker: str | None, duration: float | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with tempfile.TemporaryDirectory(prefix="millwright-demo-") as tmp:
+        async with ModbusSimulator(port=0) as sim, contextlib.AsyncExitStack() as stack:
+            if broker is None:
+                local = await stack.enter_async_context(LocalBroker())
+                url, version, kind = local.url, local.version, f"private {local.kind} broker"
+            else:
+                url, version, kind = broker, "5", "broker"
+            settings = _settings(sim.port, url, version, Path(tmp) / "outbox.db")
+            print(f"Modbus simulator on 127.0.0.1:{sim.port}, {kind} at {url}", file=sys.stderr)
+            print(
+                f"Readings published under {settings.gateway.enterprise}/...; Ctrl-C stops.\n",
+                file=sys.stderr,
+            )
+            gateway = Gateway(settings)
+            task = asyncio.create_task(gateway.run(), name="gateway")
+            watcher = _Watcher(url, f"{settings.gateway.enterprise}/#", loop)
+            started = time.monotonic()
+            try:
+                waiters = [asyncio.create_task(stop.wait()), task]
+                await asyncio.wait(waiters, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+                waiters[0].cancel()
+            finally:
+                gateway.stop()
+                await task
+                watcher.close()
+            elapsed = time.monotonic() - started
+            print(
+                f"\n{watcher.count} readings arrived at the broker in {elapsed:.1f} s "
+                f"({watcher.count / elapsed:.1f}/s)",
+                file=sys.stderr,
+            )
+    return 0

@@ -1,0 +1,59 @@
+"""The exception tree.
+
+    GatewayError
+    ├── ConfigError            bad or missing config; the CLI exits 2 with file and key path
+    ├── DeviceError            a device did not give us data
+    │   ├── NotConnected       the connection is gone; the poller reconnects with backoff
+    │   └── DeviceTimeout      no answer in time; the poller treats it like NotConnected
+    ├── PublishError           the broker did not take a batch
+    │   └── BrokerUnavailable  not connected; the batch is released back to the outbox
+    └── OutboxError            the local buffer cannot be used
+
+Library exceptions (pymodbus, paho, sqlite3) are translated into these once, at the
+boundary where they are raised, so the engine never imports a protocol library.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """A config file is invalid. `str()` is the full message for the user."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{file}: invalid configuration\n{lines}")
+
+
+class DeviceError(GatewayError):
+    """A device could not be read."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        self.device = device
+        self.reason = reason
+        super().__init__(f"device {device!r}: {reason}")
+
+
+class NotConnected(DeviceError):
+    """The connection to the device is gone; ask the poller to reconnect."""
+
+
+class DeviceTimeout(DeviceError):
+    """The device did not answer in time."""
+
+
+class PublishError(GatewayError):
+    """The broker did not confirm a batch."""
+
+
+class BrokerUnavailable(PublishError):
+    """Not connected to the broker; nothing was handed to the client library."""
+
+
+class OutboxError(GatewayError):
+    """The outbox database cannot be opened or written."""

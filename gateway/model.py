@@ -1,0 +1,114 @@
+"""The common information model: readings, quality and the ISA-95 asset path.
+
+Readings are plain slotted dataclasses, not pydantic models: they are made once per value
+on the hot path, and their contents were validated when the collector decoded them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+# A JSON-compatible value. Lists appear for OPC UA arrays.
+Value = bool | int | float | str | list["Value"] | None
+
+
+class Quality(enum.Enum):
+    GOOD = "Good"
+    UNCERTAIN = "Uncertain"
+    BAD = "Bad"
+
+    @classmethod
+    def from_status(cls, status: int) -> Quality:
+        """OPC UA severity, bits 30-31: 00 Good, 01 Uncertain, 10 Bad, 11 (reserved) Bad."""
+        severity = (status >> 30) & 0b11
+        if severity == 0:
+            return cls.GOOD
+        if severity == 1:
+            return cls.UNCERTAIN
+        return cls.BAD
+
+
+class Status(enum.IntEnum):
+    """The OPC UA status codes the gateway produces itself."""
+
+    GOOD = 0x00000000
+    UNCERTAIN_ENGINEERING_UNITS_EXCEEDED = 0x40940000
+    BAD_COMMUNICATION_ERROR = 0x80050000
+    BAD_DECODING_ERROR = 0x80070000
+    BAD_TIMEOUT = 0x800A0000
+    BAD_NODE_ID_UNKNOWN = 0x80340000
+    BAD_OUT_OF_RANGE = 0x803C0000
+    BAD_NOT_CONNECTED = 0x808A0000
+    BAD_DEVICE_FAILURE = 0x808B0000
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    """One normalized sample of one tag.
+
+    Times are POSIX seconds (UTC). `source_time` is the device's own timestamp when it
+    gives one (OPC UA SourceTimestamp); `read_time` is when the gateway got the value.
+    A Bad reading carries `value = None` and the reason in `status`.
+    """
+
+    device: str
+    tag: str
+    value: Value
+    quality: Quality
+    status: int
+    source_time: float | None
+    read_time: float
+    unit: str | None = None
+
+    @property
+    def timestamp(self) -> float:
+        return self.source_time if self.source_time is not None else self.read_time
+
+
+def bad(device: str, tag: str, status: int, now: float, unit: str | None = None) -> Reading:
+    """A Bad reading: no value, and the reason as an OPC UA status code."""
+    return Reading(device, tag, None, Quality.BAD, status, None, now, unit)
+
+
+def iso_millis(ts: float) -> str:
+    """UTC, millisecond precision, `Z` suffix: 2026-11-24T12:00:00.123Z."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True, frozen=True)
+class AssetPath:
+    """ISA-95 location of a device: enterprise / site / area / line / device."""
+
+    enterprise: str
+    site: str
+    area: str
+    line: str
+    device: str
+
+    @property
+    def topic(self) -> str:
+        return f"{self.enterprise}/{self.site}/{self.area}/{self.line}/{self.device}"
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    """A reading as stored in the outbox; `seq` is its row id, never reused."""
+
+    seq: int
+    reading: Reading
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    """Entries leased from the outbox, oldest first; acked or released as a whole."""
+
+    entries: list[Entry]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def last_seq(self) -> int:
+        return self.entries[-1].seq if self.entries else 0

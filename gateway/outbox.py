@@ -1,0 +1,438 @@
+"""The outbox: a durable, bounded FIFO of readings in SQLite (store and forward).
+
+Pollers append; one publisher leases the oldest rows, publishes them, and acks them once the
+broker has confirmed, or releases them to be leased again. A reading is safe from the moment
+`append` returns: it survives a broker outage and `kill -9`.
+
+Delivery is at-least-once: leases live in memory only, so after a restart every unacked row
+is leased again. `seq` is an AUTOINCREMENT row id, never reused, not even after every row was
+deleted, so a consumer can detect gaps and duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from gateway.errors import OutboxError
+from gateway.model import Batch, Entry, Quality, Reading, iso_millis
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("drop_oldest", "drop_newest")
+SCHEMA_VERSION = 1
+
+# The quality as a small int in the row; the tuple index is the stored code.
+_QUALITIES = (Quality.GOOD, Quality.UNCERTAIN, Quality.BAD)
+_QUALITY_CODE = {quality: code for code, quality in enumerate(_QUALITIES)}
+
+# JSON keeps the value's Python type across the round trip (True stays True, 1.0 stays a
+# float), which SQLite's column affinity would not. Bound methods skip json.dumps' kwargs work.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
+
+# Between file-size measurements an estimate is trusted only below this share of max_bytes
+# (room for rows up to twice the measured average), and for at most _MEASURE_EVERY appends.
+_MARGIN = 0.5
+_MEASURE_EVERY = 32
+# A full episode ends when the outbox drains below this share of the cap: ending it at the cap
+# would log two lines per batch while the publisher is slower than the pollers.
+_LOW_WATER = 0.9
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS reading (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a deleted seq is never handed out again
+    device TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    value TEXT,                             -- JSON; NULL for a Bad reading
+    quality INTEGER NOT NULL,               -- 0 Good, 1 Uncertain, 2 Bad
+    status INTEGER NOT NULL,
+    source_time REAL,
+    read_time REAL NOT NULL,
+    unit TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta VALUES ('dropped', 0);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+_INSERT = (
+    "INSERT INTO reading (device, tag, value, quality, status, source_time, read_time, unit)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LEASE = (
+    "SELECT seq, device, tag, value, quality, status, source_time, read_time, unit"
+    " FROM reading WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+_ACK = "DELETE FROM reading WHERE seq BETWEEN ? AND ?"
+_DROP_OLDEST = "DELETE FROM reading WHERE seq IN (SELECT seq FROM reading ORDER BY seq LIMIT ?)"
+_ADD_DROPPED = "UPDATE meta SET value = value + ? WHERE key = 'dropped'"
+# Pages in use: what the rows occupy. Pages freed by deletes stay in the file for reuse.
+_USED_PAGES = (
+    "SELECT (SELECT page_count FROM pragma_page_count())"
+    " - (SELECT freelist_count FROM pragma_freelist_count())"
+)
+_STATE = (
+    "SELECT (SELECT COUNT(*) FROM reading), (SELECT value FROM meta WHERE key = 'dropped'),"
+    " (SELECT seq FROM sqlite_sequence WHERE name = 'reading'), (SELECT page_size FROM pragma_page_size())"
+)
+_OLDEST_AND_PAGES = (
+    "SELECT (SELECT read_time FROM reading ORDER BY seq LIMIT 1),"
+    " (SELECT page_count FROM pragma_page_count())"
+)
+
+_Row = tuple[str, str, str | None, int, int, float | None, float, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A snapshot of the outbox. `bytes` is the database file size (page count x page size)."""
+
+    depth: int
+    oldest_age: float | None
+    dropped: int
+    bytes: int
+    last_seq: int
+
+
+class _Corrupt(Exception):
+    """The file is damaged: not a database, malformed, or quick_check failed."""
+
+
+class Outbox:
+    """Durable bounded FIFO of readings, for many appenders and one consumer."""
+
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, *, state: tuple[int, int, int, int],
+        max_rows: int, max_bytes: int | None, policy: str, clock: Callable[[], float],
+    ) -> None:  # fmt: skip
+        """Use `Outbox.open`."""
+        self._db = db
+        self.path = path
+        self._max_rows, self._max_bytes, self._policy, self._clock = max_rows, max_bytes, policy, clock
+        # In-memory mirrors of the database (no COUNT(*) per append), changed only after a commit.
+        self._count, self._dropped, self._last_seq, self._page_size = state
+        # One connection, so one transaction at a time: every use of it takes this lock.
+        self._lock = asyncio.Lock()
+        # Lease bookkeeping: every row up to this seq has been handed to the consumer.
+        self._cursor = 0
+        self._ready = asyncio.Event()  # set while there may be unleased rows
+        if self._count:
+            self._ready.set()
+        # File-size estimate between measurements (see _used_bytes).
+        self._used = 0
+        self._measured_count = 0
+        self._row_bytes: float | None = None  # unknown until enough rows were measured
+        self._appends_since_measure = 0
+        # The current "outbox full" episode, if any.
+        self._full_since: float | None = None
+        self._full_dropped = 0
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        max_rows: int = 1_000_000,
+        max_bytes: int | None = None,
+        policy: str = "drop_oldest",
+        clock: Callable[[], float] = time.time,
+    ) -> Outbox:
+        """Open (or create) the outbox at `path`; a corrupt file is moved aside, not fatal.
+
+        Raises OutboxError when the file cannot be used at all (missing directory, no
+        permission, locked, or written by a newer schema).
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        db = await _connect(path, clock)
+        try:
+            count, dropped, last_seq, page_size = next(iter(await db.execute_fetchall(_STATE)))
+            state = (count, dropped, last_seq or 0, page_size)
+            outbox = cls(
+                db, path, state=state, max_rows=max_rows, max_bytes=max_bytes, policy=policy, clock=clock
+            )
+            if max_bytes is not None:
+                await outbox._measure(count)
+        except sqlite3.Error as exc:
+            await db.close()
+            raise OutboxError(f"outbox {path}: {exc}") from exc
+        return outbox
+
+    async def append(self, readings: Sequence[Reading]) -> None:
+        """Store readings in one transaction; when this returns they survive a process kill.
+
+        When the outbox is full the policy applies: drop_oldest deletes the oldest rows (even
+        leased ones: their ack then deletes nothing), drop_newest refuses the readings beyond
+        the cap. Every drop is counted in `stats().dropped` and logged once per episode.
+        """
+        if not readings:
+            return
+        rows: list[_Row] = [
+            (r.device, r.tag, None if r.value is None else _encode(r.value), _QUALITY_CODE[r.quality],
+             r.status, r.source_time, r.read_time, r.unit)
+            for r in readings
+        ]  # fmt: skip
+        # Shielded: a caller cancelled mid-commit must not leave the transaction done but the
+        # in-memory counters that mirror it stale; close() waits for it through the lock.
+        await asyncio.shield(self._append(rows))
+
+    async def _append(self, rows: list[_Row]) -> None:
+        async with self._lock:
+            async with self._transaction("append"):
+                refused = evicted = 0
+                if self._policy == "drop_newest":
+                    room = max(self._max_rows - self._count, 0)
+                    if self._max_bytes is not None and await self._used_bytes(self._count) > self._max_bytes:
+                        room = 0
+                    refused = max(len(rows) - room, 0)
+                    rows = rows[:room]
+                if rows:
+                    await self._db.executemany(_INSERT, rows)
+                if self._policy == "drop_oldest":
+                    evicted = await self._evict(self._count + len(rows))
+                if refused or evicted:
+                    await self._db.execute(_ADD_DROPPED, (refused + evicted,))
+            # Committed. One writer and AUTOINCREMENT: the new rows took the next len(rows) seqs.
+            self._count += len(rows) - evicted
+            self._last_seq += len(rows)
+            if rows:
+                self._ready.set()
+            if refused or evicted:
+                self._note_dropped(refused + evicted)
+
+    async def _evict(self, count: int) -> int:
+        """drop_oldest, inside the append's transaction: delete the oldest rows until under both caps."""
+        evicted = 0
+        if count > self._max_rows:
+            evicted = await self._delete_oldest(count - self._max_rows)
+        if self._max_bytes is None:
+            return evicted
+        used = await self._used_bytes(count - evicted)
+        # Deleted rows do not free pages one for one (partly filled pages): delete an estimate,
+        # re-measure, repeat a few times; if that is not enough the next append goes on.
+        for _ in range(8):
+            left = count - evicted
+            if used <= self._max_bytes or left <= 1:
+                break
+            evicted += await self._delete_oldest(
+                min(left - 1, int((used - self._max_bytes) * left / used) + 1)
+            )
+            used = await self._measure(count - evicted)
+        return evicted
+
+    async def _delete_oldest(self, n: int) -> int:
+        return (await self._db.execute(_DROP_OLDEST, (n,))).rowcount
+
+    async def _used_bytes(self, count: int) -> int:
+        """Bytes the rows use: an estimate far below max_bytes (saves a query per append), else measured."""
+        assert self._max_bytes is not None
+        self._appends_since_measure += 1
+        if self._row_bytes is not None and self._appends_since_measure < _MEASURE_EVERY:
+            estimate = self._used + (count - self._measured_count) * self._row_bytes
+            if estimate < self._max_bytes * _MARGIN:
+                return int(estimate)
+        return await self._measure(count)
+
+    async def _measure(self, count: int) -> int:
+        (pages,) = next(iter(await self._db.execute_fetchall(_USED_PAGES)))
+        used: int = pages * self._page_size
+        self._used, self._measured_count, self._appends_since_measure = used, count, 0
+        if count >= 100:  # below that the fixed pages (schema, meta) skew the ratio too much
+            self._row_bytes = used / count
+        return used
+
+    async def lease(self, n: int) -> Batch:
+        """The oldest `n` rows not currently leased, in seq order; may be empty. One consumer."""
+        if n < 1:
+            raise ValueError("lease at least one row")  # SQLite reads LIMIT -1 as "no limit"
+        async with self._lock:
+            try:
+                rows = await self._db.execute_fetchall(_LEASE, (self._cursor, n))
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: cannot lease: {exc}") from exc
+            entries = [
+                Entry(seq, Reading(device, tag, None if value is None else _decode(value),
+                                   _QUALITIES[quality], status, source_time, read_time, unit))
+                for seq, device, tag, value, quality, status, source_time, read_time, unit in rows
+            ]  # fmt: skip
+            if entries:
+                self._cursor = entries[-1].seq
+            if len(entries) < n or self._cursor >= self._last_seq:
+                self._ready.clear()
+            return Batch(entries)
+
+    async def wait(self) -> None:
+        """Return when there are unleased rows (at once if there are)."""
+        await self._ready.wait()
+
+    async def ack(self, batch: Batch) -> None:
+        """Delete the batch's rows: the broker has confirmed them."""
+        if batch.entries:
+            await asyncio.shield(self._ack(batch.entries[0].seq, batch.last_seq))
+
+    async def _ack(self, first: int, last: int) -> None:
+        async with self._lock:
+            async with self._transaction("ack"):
+                # The batch is a seq range: one consumer leases in order. Rows in it that
+                # drop_oldest already deleted are simply not there any more.
+                cursor = await self._db.execute(_ACK, (first, last))
+            self._count -= cursor.rowcount
+            if self._full_since is not None and await self._has_room():
+                self._end_episode()
+
+    async def release(self, batch: Batch) -> None:
+        """Un-lease the batch: its rows, and any leased after them, are leased again, first."""
+        if batch.entries:
+            async with self._lock:
+                self._cursor = min(self._cursor, batch.entries[0].seq - 1)
+                self._ready.set()
+
+    async def stats(self) -> OutboxStats:
+        """Depth, age of the oldest row, total drops, file size and the last seq handed out."""
+        async with self._lock:
+            try:
+                oldest, pages = next(iter(await self._db.execute_fetchall(_OLDEST_AND_PAGES)))
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: cannot read stats: {exc}") from exc
+        age = None if oldest is None else self._clock() - oldest
+        return OutboxStats(self._count, age, self._dropped, pages * self._page_size, self._last_seq)
+
+    async def close(self) -> None:
+        """Wait for a write in progress, report an unfinished full episode, close the file."""
+        async with self._lock:
+            if self._full_since is not None:
+                self._end_episode()
+            await self._db.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, what: str) -> AsyncIterator[None]:
+        # sqlite3 opens the transaction implicitly at the first INSERT/DELETE/UPDATE.
+        try:
+            yield
+            await self._db.commit()
+        except BaseException as exc:
+            # Whatever failed, leave no half-done transaction for the next commit to pick up.
+            await self._db.rollback()
+            if isinstance(exc, sqlite3.Error):
+                raise OutboxError(f"outbox {self.path}: cannot {what}: {exc}") from exc
+            raise
+
+    async def _has_room(self) -> bool:
+        if self._count > self._max_rows * _LOW_WATER:
+            return False
+        return self._max_bytes is None or await self._measure(self._count) <= self._max_bytes * _LOW_WATER
+
+    def _note_dropped(self, n: int) -> None:
+        self._dropped += n
+        self._full_dropped += n
+        if self._full_since is None:
+            self._full_since = self._clock()
+            what = "dropping the oldest readings" if self._policy == "drop_oldest" else "refusing new ones"
+            log.warning("outbox %s is full: %s until it has room (policy %s)", self.path, what, self._policy)
+
+    def _end_episode(self) -> None:
+        assert self._full_since is not None
+        log.warning(
+            "outbox full: dropped %d readings (policy %s) since %s",
+            self._full_dropped, self._policy, iso_millis(self._full_since),
+        )  # fmt: skip
+        self._full_since, self._full_dropped = None, 0
+
+
+async def _connect(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:
+    """Open and check the file; a corrupt one is moved aside and replaced, once."""
+    try:
+        return await _prepare(path)
+    except _Corrupt as exc:
+        moved = _move_aside(path, clock())
+        log.error("outbox %s is corrupt (%s): moved it to %s and started a fresh one", path, exc, moved)
+    except sqlite3.Error as exc:
+        # Locked, no permission, missing directory: not corruption; moving the file would not help.
+        raise OutboxError(f"outbox {path}: {exc}") from exc
+    try:
+        return await _prepare(path)
+    except (_Corrupt, sqlite3.Error) as exc:
+        raise OutboxError(f"outbox {path}: cannot start a fresh database: {exc}") from exc
+
+
+async def _prepare(path: Path) -> aiosqlite.Connection:
+    # Fail here, not inside aiosqlite, when the file cannot even be opened (missing directory,
+    # permissions): a failed aiosqlite.connect leaves its worker thread to report to an event
+    # loop that may already be closed. Opening a SQLite file is one open(2), cheap to do twice.
+    sqlite3.connect(path).close()
+    db = await aiosqlite.connect(path)
+    try:
+        # quick_check reads every page, O(file size): 0.2 s for a million rows (49 MB, warm
+        # cache), more from a cold SD card; paid once at start, it catches a damaged file here.
+        (check,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
+        if check != "ok":
+            raise _Corrupt(f"quick_check: {check}")
+        (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+        if version > SCHEMA_VERSION:
+            raise OutboxError(f"outbox {path}: schema version {version} is newer than this gateway's")
+        await db.execute("PRAGMA journal_mode = WAL")
+        # synchronous=NORMAL in WAL mode: a commit is in the OS page cache when append returns,
+        # so it survives a process crash or kill -9; only an OS crash or power cut can lose the
+        # last transactions (the file stays consistent). FULL would fsync every append, which
+        # the 20,000 readings/s target cannot afford on SD cards; we keep NORMAL on purpose.
+        await db.execute("PRAGMA synchronous = NORMAL")
+        # After a burst the WAL is truncated back to this size at checkpoint, not left large.
+        await db.execute("PRAGMA journal_size_limit = 4194304")
+        await db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        await db.close()
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise _Corrupt(str(exc)) from exc
+        raise
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path, now: float) -> Path:
+    """Rename the file to <name>.corrupt-<UTC time>, keeping its -wal/-shm beside it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+        n += 1
+    try:
+        # WAL and shm first: left behind, they would be replayed into the fresh database.
+        for suffix in ("-wal", "-shm", ""):
+            source = Path(f"{path}{suffix}")
+            if source.exists():
+                source.rename(f"{target}{suffix}")
+    except OSError as exc:
+        raise OutboxError(f"outbox {path} is corrupt and cannot be moved aside: {exc}") from exc
+    return target
+
+
+def read_stats(path: Path) -> OutboxStats:
+    """Stats of an outbox file, read-only, without a running gateway (`millwright outbox stats`).
+
+    Never creates the file; raises OutboxError when it is missing or not an outbox.
+    """
+    if not path.is_file():
+        raise OutboxError(f"{path}: no such outbox file")
+    try:
+        # mode=ro: safe beside a running gateway (a WAL reader does not block its writer). With
+        # no gateway running, SQLite leaves an empty -wal and a -shm beside the file; harmless.
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            count, dropped, last_seq, page_size = db.execute(_STATE).fetchone()
+            oldest, pages = db.execute(_OLDEST_AND_PAGES).fetchone()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"{path}: cannot read the outbox: {exc}") from exc
+    age = None if oldest is None else time.time() - oldest
+    return OutboxStats(count, age, dropped, pages * page_size, last_seq or 0)

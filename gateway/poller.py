@@ -1,0 +1,108 @@
+"""The schedule loop around one collector: fixed rate, reconnect with backoff, state logging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.backoff import Backoff
+from gateway.collectors import Collector
+from gateway.errors import DeviceError, DeviceTimeout
+from gateway.model import Reading, Status
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[list[Reading]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class PollStats:
+    """Counters of one poller, for status and tests."""
+
+    cycles: int = 0
+    missed: int = 0  # ticks skipped because a read overran its interval
+    failures: int = 0  # connection losses and failed connects
+
+
+class _Outage:
+    """Whether a device is down, so that each change is logged and reported once.
+
+    A device counts as back only after a read succeeded: one that accepts the TCP
+    connection and then drops it is still down, and must not log "recovered" per retry.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.since: float | None = None
+
+    def begin(self, reason: str) -> bool:
+        """Mark the device down; True if it was up until now."""
+        if self.since is not None:
+            return False
+        log.warning("device %s unreachable: %s", self.device, reason)
+        self.since = time.monotonic()
+        return True
+
+    def end(self) -> None:
+        if self.since is not None:
+            log.info("device %s recovered after %.0f s", self.device, time.monotonic() - self.since)
+            self.since = None
+
+
+async def poll(
+    collector: Collector,
+    every: float,
+    sink: Sink,
+    *,
+    backoff: Backoff | None = None,
+    stats: PollStats | None = None,
+) -> None:
+    """Read `collector` every `every` seconds forever, handing readings to `sink`.
+
+    When the device becomes unreachable its tags are reported Bad once (not on every
+    retry) and the poller reconnects with backoff. Runs until cancelled.
+    """
+    backoff = backoff or Backoff(initial=0.5, cap=30.0)
+    stats = stats or PollStats()
+    outage = _Outage(collector.name)
+    while True:
+        try:
+            await collector.connect()
+            await _read_forever(collector, every, sink, stats=stats, backoff=backoff, outage=outage)
+        except DeviceError as exc:
+            stats.failures += 1
+            if outage.begin(exc.reason):
+                timeout = isinstance(exc, DeviceTimeout)
+                status = Status.BAD_TIMEOUT if timeout else Status.BAD_COMMUNICATION_ERROR
+                if readings := collector.unavailable(status, time.time()):
+                    await sink(readings)
+        finally:
+            await collector.close()
+        await asyncio.sleep(backoff.next())
+
+
+async def _read_forever(
+    collector: Collector, every: float, sink: Sink, *, stats: PollStats, backoff: Backoff, outage: _Outage
+) -> None:
+    # Ticks are fixed points on the monotonic clock (start + k * every), so the schedule
+    # does not drift by the read time, and a read that overruns skips ticks (counted)
+    # instead of firing a burst to catch up.
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    while True:
+        readings = await collector.read()
+        outage.end()
+        backoff.reset()
+        stats.cycles += 1
+        if readings:
+            await sink(readings)
+        due += every
+        now = loop.time()
+        if now > due:
+            skipped = int((now - due) // every) + 1
+            stats.missed += skipped
+            due += skipped * every
+        await asyncio.sleep(due - now)

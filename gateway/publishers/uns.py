@@ -1,0 +1,155 @@
+"""Unified Namespace publisher: one JSON message per reading on its ISA-95 topic.
+
+Topics and payloads (DESIGN.md section 4):
+
+- reading: `{enterprise}/{site}/{area}/{line}/{device}/{tag}`, QoS 1, not retained,
+  `{"value", "quality", "timestamp", "unit", "seq"}` plus `"status"` when the quality is
+  not Good. `status` is the OPC UA status code as `0x` and 8 upper-case hex digits
+  (`0x800A0000`), the way the OPC UA specification prints codes.
+- device metadata: `{asset topic}/_meta`, retained, on every connect before any data.
+- gateway status: `{enterprise}/{site}/_gateway/{id}/status`, retained: online on every
+  connect, offline as the MQTT will and on a graceful close.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from gateway import __version__
+from gateway.config import GatewaySettings, MqttSettings
+from gateway.model import AssetPath, Batch, Entry, Quality, Status, iso_millis
+from gateway.publishers.mqtt import Message, MqttConnection
+
+log = logging.getLogger(__name__)
+
+# One encoder, built once: json.dumps with non-default options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
+def status_topic(gateway: GatewaySettings) -> str:
+    return f"{gateway.enterprise}/{gateway.site}/_gateway/{gateway.id}/status"
+
+
+def offline_will(gateway: GatewaySettings) -> Message:
+    """The will: the broker publishes it (retained) when the gateway vanishes uncleanly."""
+    return status_topic(gateway), _encode({"online": False, "id": gateway.id}).encode(), 1, True
+
+
+class UnsPublisher:
+    """Publishes outbox batches as UNS JSON; announces status and `_meta` on each connect.
+
+    `devices` maps a device name to its asset path and its `_meta` document. Readings of
+    a device not in `devices` (rows buffered before a config change) are still delivered,
+    under the gateway's own ISA-95 path.
+    """
+
+    def __init__(
+        self,
+        connection: MqttConnection,
+        gateway: GatewaySettings,
+        devices: Mapping[str, tuple[AssetPath, dict[str, Any]]],
+        *,
+        started: float | None = None,
+    ) -> None:
+        self._connection = connection
+        self._gateway = gateway
+        # Topic prefixes are computed once per device, not once per reading.
+        self._prefixes = {name: f"{asset.topic}/" for name, (asset, _) in devices.items()}
+        self.status_topic = status_topic(gateway)
+        online = {
+            "online": True,
+            "id": gateway.id,
+            "version": __version__,
+            "started": iso_millis(time.time() if started is None else started),
+            "devices": list(devices),
+        }
+        # _meta first, status last: a consumer that sees "online" can rely on the models.
+        self._births: list[Message] = [
+            (f"{asset.topic}/_meta", _encode(_meta(name, asset, meta)).encode(), 1, True)
+            for name, (asset, meta) in devices.items()
+        ]
+        self._births.append((self.status_topic, _encode(online).encode(), 1, True))
+        offline = {"online": False, "id": gateway.id, "reason": "shutdown"}
+        self._offline: Message = (self.status_topic, _encode(offline).encode(), 1, True)
+
+    def topic(self, device: str, tag: str) -> str:
+        prefix = self._prefixes.get(device)
+        if prefix is None:
+            prefix = self._adopt(device)
+        return prefix + tag
+
+    def payload(self, entry: Entry) -> bytes:
+        r = entry.reading
+        quality = r.quality
+        doc: dict[str, Any] = {
+            "value": r.value,
+            "quality": quality.value,
+            "timestamp": iso_millis(r.timestamp),
+            "unit": r.unit,
+            "seq": entry.seq,
+        }
+        if quality is not Quality.GOOD:
+            doc["status"] = f"0x{r.status:08X}"
+        try:
+            return _encode(doc).encode()
+        except ValueError:
+            return _non_finite(doc)
+
+    async def publish(self, batch: Batch) -> None:
+        """Publish every entry (QoS 1); return when the broker acknowledged all of them."""
+        topic, payload = self.topic, self.payload
+        messages = [(topic(e.reading.device, e.reading.tag), payload(e), 1, False) for e in batch.entries]
+        await self._connection.publish_many(messages)
+
+    async def announce(self) -> None:
+        """Publish the retained `_meta` messages and the online status (the connection's
+        on_connect hook: it runs after every connect, before any data)."""
+        await self._connection.publish_many(self._births)
+
+    async def close(self) -> None:
+        """Publish the retained offline status, then disconnect cleanly."""
+        await self._connection.close(final=[self._offline])
+
+    def _adopt(self, device: str) -> str:
+        g = self._gateway
+        prefix = f"{AssetPath(g.enterprise, g.site, g.area, g.line, device).topic}/"
+        log.warning("device %r is not configured; publishing its buffered readings under %s", device, prefix)
+        self._prefixes[device] = prefix
+        return prefix
+
+
+def connect_uns(
+    settings: MqttSettings,
+    gateway: GatewaySettings,
+    devices: Mapping[str, tuple[AssetPath, dict[str, Any]]],
+) -> tuple[MqttConnection, UnsPublisher]:
+    """Build the connection (will, client id `millwright-{id}` by default) and its publisher,
+    wired so that every connect announces status and `_meta` first. Run `connection.run()`."""
+
+    async def announce() -> None:
+        await publisher.announce()
+
+    connection = MqttConnection(
+        settings,
+        client_id=settings.client_id or f"millwright-{gateway.id}",
+        will=offline_will(gateway),
+        on_connect=announce,
+    )
+    publisher = UnsPublisher(connection, gateway, devices)
+    return connection, publisher
+
+
+def _meta(name: str, asset: AssetPath, meta: Mapping[str, Any]) -> dict[str, Any]:
+    path = {"enterprise": asset.enterprise, "site": asset.site, "area": asset.area, "line": asset.line}
+    return {"device": name, "path": path, **{k: v for k, v in meta.items() if k not in ("device", "path")}}
+
+
+def _non_finite(doc: dict[str, Any]) -> bytes:
+    """JSON has no NaN or infinity, and many consumers reject the non-standard tokens: such
+    a value goes out as null, Bad, BadOutOfRange, so the gap is visible rather than invalid."""
+    doc.update(value=None, quality=Quality.BAD.value, status=f"0x{Status.BAD_OUT_OF_RANGE:08X}")
+    return _encode(doc).encode()

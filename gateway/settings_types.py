@@ -1,0 +1,50 @@
+"""Shared building blocks for the config models: durations, names and the base model."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `1s`, `2.5s`, `5m`, `1h`, or a bare number of seconds, to float seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 1s or 5m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration such as 500ms, 1s or 5m")
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero")
+    return seconds
+
+
+def _format_duration(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(_format_duration, return_type=str),
+    Field(json_schema_extra={"type": "string", "pattern": _DURATION.pattern}),
+]
+
+# MQTT topic segments: the wildcards and the separator would break the namespace.
+Segment = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[^+#/\s][^+#/]*$"),
+]
+
+
+class Model(BaseModel):
+    """Every config model: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

@@ -1,0 +1,1 @@
+"""Bundled device simulators (Modbus TCP stamping press) and the signal models behind them."""

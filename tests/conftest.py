@@ -1,0 +1,93 @@
+"""Fixtures shared by every test: a real mosquitto, subscribers, and a thread-leak check."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import (
+    MakeMosquitto,
+    Mosquitto,
+    Subscribe,
+    Subscriber,
+    is_long_lived,
+    mosquitto_binary,
+)
+
+__all__ = ["MakeMosquitto", "Subscribe"]  # re-exported: tests import them from here too
+
+# Threads a test started get this long to end after it, before the test fails.
+THREAD_GRACE = 2.0
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    """Fail a test that leaves threads running (paho network threads, connect threads).
+
+    Threads alive before the test are ignored, and so are those registered with
+    `tests.helpers.allow_long_lived` (session-scoped servers)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_GRACE
+    while True:
+        leaked = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not is_long_lived(t)
+        ]
+        if not leaked:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the test leaked threads: {', '.join(sorted(t.name for t in leaked))}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def make_mosquitto(tmp_path: Path) -> Iterator[MakeMosquitto]:
+    """Start brokers with extra config lines: `make_mosquitto("allow_anonymous false", ...)`.
+
+    Each gets a free port and its own directory; all are stopped at teardown."""
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.fail("mosquitto is not installed: run `make test`, which installs it")
+    brokers: list[Mosquitto] = []
+
+    def make(*lines: str) -> Mosquitto:
+        directory = tmp_path / f"mosquitto-{len(brokers)}"
+        directory.mkdir()
+        broker = Mosquitto(binary, directory, lines)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(make_mosquitto: MakeMosquitto) -> Mosquitto:
+    """A plain broker: anonymous, no persistence, on a free loopback port.
+
+    `.host`, `.port`, `.url`, `.stop(kill=False)`, `.start()` (same port), `.pause()`,
+    `.resume()`, `.log_text()`."""
+    return make_mosquitto()
+
+
+@pytest.fixture
+def subscriber() -> Iterator[Subscribe]:
+    """`subscriber(broker, "topic/#", **options)` -> a connected, subscribed `Subscriber`
+    (options: client_id, persistent, username, password); closed at teardown."""
+    made: list[Subscriber] = []
+
+    def subscribe(broker: Mosquitto, topic_filter: str = "#", **options: Any) -> Subscriber:
+        sub = Subscriber(broker.host, broker.port, topic_filter, **options)
+        made.append(sub)
+        return sub
+
+    yield subscribe
+    for sub in made:
+        sub.close()

@@ -1,0 +1,420 @@
+"""The outbox against real SQLite files: order, leases, durability, caps, corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import OutboxError
+from gateway.model import Batch, Quality, Reading, Value
+from gateway.outbox import Outbox, read_stats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readings(values: Sequence[Value], device: str = "press-1", read_time: float = 1000.0) -> list[Reading]:
+    return [
+        Reading(device, f"t{i}", v, Quality.GOOD, 0, None, read_time, "Cel") for i, v in enumerate(values)
+    ]
+
+
+def seqs(batch: Batch) -> list[int]:
+    return [e.seq for e in batch.entries]
+
+
+def values(batch: Batch) -> list[Value]:
+    return [e.reading.value for e in batch.entries]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.db"
+
+
+@pytest.fixture
+async def outbox(path: Path) -> AsyncIterator[Outbox]:
+    box = await Outbox.open(path)
+    yield box
+    await box.close()
+
+
+async def test_append_lease_ack_in_order(outbox: Outbox) -> None:
+    await outbox.append(readings([1, 2, 3]))
+    await outbox.append(readings([4, 5]))
+    first = await outbox.lease(2)
+    second = await outbox.lease(10)
+    assert (seqs(first), values(first)) == ([1, 2], [1, 2])
+    assert (seqs(second), values(second)) == ([3, 4, 5], [3, 4, 5])
+    assert len(await outbox.lease(10)) == 0
+    await outbox.ack(first)
+    await outbox.ack(second)
+    stats = await outbox.stats()
+    assert (stats.depth, stats.last_seq, stats.oldest_age) == (0, 5, None)
+
+
+async def test_reading_fields_round_trip(outbox: Outbox) -> None:
+    sent = [
+        Reading("press-1", "temp", 21.5, Quality.UNCERTAIN, 0x40940000, 1700000000.125, 1700000000.5, "Cel"),
+        Reading("press-1", "state", None, Quality.BAD, 0x800A0000, None, 1700000001.0, None),
+    ]
+    await outbox.append(sent)
+    assert [e.reading for e in (await outbox.lease(10)).entries] == sent
+
+
+@pytest.mark.parametrize(
+    "value",
+    [True, False, 0, 7, -(2**63), 2**70, 1.0, -0.5, 1e300, "", "text", "null", "Grüße °C", None,
+     [1, 2.5, True, "x", None], [[1, 2], []]],
+)  # fmt: skip
+async def test_values_keep_their_python_type(outbox: Outbox, value: Value) -> None:
+    await outbox.append(readings([value]))
+    (got,) = values(await outbox.lease(1))
+    assert got == value
+    assert type(got) is type(value)  # True must not come back as 1, nor 1.0 as 1
+    if isinstance(value, list):
+        assert [type(x) for x in got] == [type(x) for x in value]  # type: ignore[union-attr]
+
+
+async def test_release_leases_the_same_seqs_again_first(outbox: Outbox) -> None:
+    await outbox.append(readings(range(10)))
+    first = await outbox.lease(4)
+    await outbox.release(first)
+    again = await outbox.lease(4)
+    assert seqs(again) == seqs(first) == [1, 2, 3, 4]
+    await outbox.ack(again)
+    assert seqs(await outbox.lease(100)) == list(range(5, 11))
+
+
+async def test_release_rewinds_past_later_leases(outbox: Outbox) -> None:
+    await outbox.append(readings(range(6)))
+    first, second = await outbox.lease(3), await outbox.lease(3)
+    await outbox.release(first)
+    # FIFO: releasing the first batch hands out everything after it again, in order.
+    assert seqs(await outbox.lease(10)) == [*seqs(first), *seqs(second)]
+
+
+async def test_seq_is_never_reused_after_delete_all_or_reopen(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings([1, 2, 3]))
+    await box.ack(await box.lease(10))  # the table is empty now
+    await box.append(readings([4]))
+    last = await box.lease(10)
+    assert seqs(last) == [4]
+    await box.ack(last)
+    await box.close()
+
+    box = await Outbox.open(path)
+    try:
+        assert (await box.stats()).depth == 0
+        await box.append(readings([5]))
+        assert seqs(await box.lease(10)) == [5]
+        assert (await box.stats()).last_seq == 5
+    finally:
+        await box.close()
+
+
+async def test_unacked_rows_are_leased_again_after_reopen(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings(range(5)))
+    await box.ack(await box.lease(2))
+    await box.lease(3)  # leased, never acked: the publisher died with them in flight
+    await box.close()
+
+    box = await Outbox.open(path)
+    try:
+        batch = await box.lease(10)
+        assert (seqs(batch), values(batch)) == ([3, 4, 5], [2, 3, 4])
+    finally:
+        await box.close()
+
+
+async def test_concurrent_appends_with_one_consumer_deliver_every_seq_in_order(outbox: Outbox) -> None:
+    async def produce(device: str) -> None:
+        for i in range(20):
+            await outbox.append(readings([i] * 10, device=device))
+
+    delivered: list[int] = []
+
+    async def consume() -> None:
+        releases = 0
+        while len(delivered) < 1000:
+            await outbox.wait()
+            batch = await outbox.lease(7)
+            if len(batch) and releases < 30 and batch.last_seq % 4 == 0:
+                releases += 1
+                await outbox.release(batch)  # as on a broker failure: the same rows come again
+                continue
+            delivered.extend(seqs(batch))
+            await outbox.ack(batch)
+
+    async with asyncio.TaskGroup() as tasks:
+        for n in range(5):
+            tasks.create_task(produce(f"dev-{n}"))
+        tasks.create_task(consume())
+    assert delivered == list(range(1, 1001))
+    assert (await outbox.stats()).depth == 0
+
+
+async def test_a_cancelled_append_keeps_the_counters_true(outbox: Outbox) -> None:
+    task = asyncio.create_task(outbox.append(readings(range(500))))
+    await asyncio.sleep(0)  # inside the transaction
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await outbox.append(readings([1]))  # waits for the shielded write to finish
+    assert (await outbox.stats()).depth == read_stats(outbox.path).depth == 501
+
+
+WRITER = """
+import asyncio, sys
+from pathlib import Path
+from gateway.model import Quality, Reading
+from gateway.outbox import Outbox
+
+async def main():
+    box = await Outbox.open(Path(sys.argv[1]))
+    n = 0
+    while True:
+        await box.append([Reading("d", "t", n + i, Quality.GOOD, 0, None, 1.0) for i in range(50)])
+        n += 50
+        print(n, flush=True)  # only after append returned: these are committed
+
+asyncio.run(main())
+"""
+
+
+async def test_committed_rows_survive_kill_9(path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, env=env
+    )
+    assert proc.stdout is not None
+    committed = 0
+    while committed < 2000:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        assert line, "the writer exited early"
+        committed = int(line)
+    proc.send_signal(signal.SIGKILL)  # mid-stream: no close(), no checkpoint, no cleanup
+    await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    box = await Outbox.open(path)
+    try:
+        batch = await box.lease(1_000_000)
+        assert len(batch) >= committed  # the writer may have committed more after its last line
+        assert seqs(batch) == list(range(1, len(batch) + 1))
+        assert values(batch) == list(range(len(batch)))
+    finally:
+        await box.close()
+
+
+async def test_drop_oldest_keeps_the_newest_and_counts_exactly(path: Path) -> None:
+    box = await Outbox.open(path, max_rows=10, policy="drop_oldest")
+    try:
+        await box.append(readings(range(8)))
+        leased = await box.lease(3)  # in flight while dropped: its ack then deletes nothing
+        await box.append(readings(range(8, 15)))
+        stats = await box.stats()
+        assert (stats.depth, stats.dropped, stats.last_seq) == (10, 5, 15)
+        await box.ack(leased)
+        assert (await box.stats()).depth == 10  # seqs 1-3 were dropped already: nothing to delete
+        assert values(await box.lease(100)) == list(range(5, 15))
+    finally:
+        await box.close()
+
+
+async def test_drop_newest_keeps_the_oldest_and_counts_exactly(path: Path) -> None:
+    box = await Outbox.open(path, max_rows=10, policy="drop_newest")
+    try:
+        await box.append(readings(range(8)))
+        await box.append(readings(range(8, 15)))  # 2 fit, 5 are refused
+        await box.append(readings([99]))  # still full: refused
+        stats = await box.stats()
+        assert (stats.depth, stats.dropped, stats.last_seq) == (10, 6, 10)
+        assert values(await box.lease(100)) == list(range(10))
+    finally:
+        await box.close()
+
+
+async def test_dropped_total_persists_across_reopen(path: Path) -> None:
+    box = await Outbox.open(path, max_rows=5)
+    await box.append(readings(range(9)))
+    await box.close()
+    box = await Outbox.open(path, max_rows=5)
+    try:
+        await box.append(readings(range(3)))
+        assert (await box.stats()).dropped == 7
+    finally:
+        await box.close()
+    assert read_stats(path).dropped == 7
+
+
+async def test_full_episode_is_logged_once_and_summed_at_the_end(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.outbox")
+    box = await Outbox.open(path, max_rows=20, clock=lambda: 1_700_000_000.0)
+    try:
+        for _ in range(5):
+            await box.append(readings(range(8)))  # 40 in, 20 dropped
+        assert len(caplog.records) == 1
+        assert "is full" in caplog.records[0].getMessage()
+        await box.ack(await box.lease(1))  # 19 left: under the cap, not yet under the low-water mark
+        assert len(caplog.records) == 1
+        await box.ack(await box.lease(1))
+        assert caplog.records[-1].getMessage() == (
+            "outbox full: dropped 20 readings (policy drop_oldest) since 2023-11-14T22:13:20.000Z"
+        )
+        assert len(caplog.records) == 2
+    finally:
+        await box.close()
+
+
+BIG = "x" * 1000
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+async def test_max_bytes_caps_the_file(path: Path, policy: str) -> None:
+    cap = 300_000  # about 73 pages: ~250 readings of 1 kB
+    box = await Outbox.open(path, max_bytes=cap, policy=policy)
+    try:
+        for _ in range(40):
+            await box.append(readings([BIG] * 50))
+        stats = await box.stats()
+        assert stats.dropped > 0
+        assert stats.depth + stats.dropped == 2000  # every reading is stored or counted
+        # The file may pass the cap by one append: new rows go in before the old ones go out.
+        assert stats.bytes <= cap + 20 * 4096  # 50 readings of 1 kB fill about 17 pages
+        batch = await box.lease(10_000)
+        expected = (
+            list(range(2001 - stats.depth, 2001))
+            if policy == "drop_oldest"
+            else list(range(1, stats.depth + 1))
+        )
+        assert seqs(batch) == expected
+    finally:
+        await box.close()
+
+
+GARBAGE = b"this is not a database, " * 400
+
+
+def write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def smash_pages(path: Path) -> None:
+    """Overwrite b-tree pages in the middle and keep the header: "database disk image is malformed"."""
+    data = bytearray(path.read_bytes())
+    data[4096 * 2 : 4096 * 4] = b"\xff" * 8192
+    path.write_bytes(bytes(data))
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def test_corrupt_file_is_moved_aside(path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write(path, GARBAGE)
+    box = await Outbox.open(path, clock=lambda: 1_700_000_000.0)
+    try:
+        await box.append(readings([1]))
+        assert values(await box.lease(10)) == [1]
+    finally:
+        await box.close()
+    moved = path.with_name("outbox.db.corrupt-20231114T221320Z")
+    assert files(path.parent) == ["outbox.db", "outbox.db.corrupt-20231114T221320Z"]
+    assert read(moved) == GARBAGE
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert str(path) in record.getMessage()
+    assert str(moved) in record.getMessage()
+
+
+async def test_malformed_database_is_moved_aside(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings([BIG] * 200))
+    await box.close()
+    smash_pages(path)
+    box = await Outbox.open(path, clock=lambda: 1_700_000_000.0)
+    try:
+        assert (await box.stats()).depth == 0
+    finally:
+        await box.close()
+    assert [name for name in files(path.parent) if ".corrupt-" in name] == [
+        "outbox.db.corrupt-20231114T221320Z"
+    ]
+
+
+async def test_unusable_path_is_an_error_not_corruption(tmp_path: Path) -> None:
+    with pytest.raises(OutboxError, match="unable to open"):
+        await Outbox.open(tmp_path / "missing-dir" / "outbox.db")
+    assert files(tmp_path) == []
+
+
+async def test_wait_wakes_on_append(outbox: Outbox) -> None:
+    waiter = asyncio.create_task(outbox.wait())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await outbox.append(readings([1]))
+    await asyncio.wait_for(waiter, timeout=1)
+    await outbox.wait()  # unleased rows: returns at once
+    await outbox.lease(10)
+    waiter = asyncio.create_task(outbox.wait())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # everything is leased
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+async def test_wait_wakes_on_release(outbox: Outbox) -> None:
+    await outbox.append(readings([1]))
+    batch = await outbox.lease(10)
+    waiter = asyncio.create_task(outbox.wait())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await outbox.release(batch)
+    await asyncio.wait_for(waiter, timeout=1)
+
+
+async def test_oldest_age_uses_the_first_row(path: Path) -> None:
+    box = await Outbox.open(path, clock=lambda: 1_000.0)
+    try:
+        await box.append(readings([1], read_time=990.0))
+        await box.append(readings([2], read_time=995.0))
+        assert (await box.stats()).oldest_age == 10.0
+    finally:
+        await box.close()
+
+
+async def test_read_stats_beside_a_running_outbox(outbox: Outbox) -> None:
+    await outbox.append(readings(range(4)))
+    stats = read_stats(outbox.path)
+    assert (stats.depth, stats.dropped, stats.last_seq) == (4, 0, 4)
+    assert stats.bytes == (await outbox.stats()).bytes
+    await outbox.append(readings([5]))  # the reader did not lock the writer out
+    assert read_stats(outbox.path).depth == 5
+
+
+def test_read_stats_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(OutboxError, match="no such outbox file"):
+        read_stats(tmp_path / "outbox.db")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_stats_of_a_file_that_is_not_an_outbox(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    path.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(OutboxError, match="cannot read"):
+        read_stats(path)
