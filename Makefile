@@ -29,8 +29,8 @@ mosquitto:
 	fi
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check gateway simulators tests bench
-	$(BIN)/ruff format --check gateway simulators tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: $(BIN)/.installed mosquitto lint

@@ -50,8 +50,9 @@ class LocalBroker:
     `version` is the newest MQTT version the broker speaks: amqtt knows only 3.1.1.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", *, embedded: bool = False) -> None:
         self.host = host
+        self.embedded = embedded
         self.port = free_port(host)
         self.kind = ""
         self.version = "5"
@@ -64,7 +65,7 @@ class LocalBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     async def __aenter__(self) -> LocalBroker:
-        exe = find_mosquitto()
+        exe = None if self.embedded else find_mosquitto()
         if exe is not None:
             self._dir = tempfile.TemporaryDirectory(prefix="millwright-broker-")
             conf = Path(self._dir.name) / "mosquitto.conf"

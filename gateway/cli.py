@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulator + gateway + broker together; readings shown live")
     demo.add_argument(
         "--broker", default=None, metavar="URL",
-        help="publish to this broker (mqtt://host:port); default: start a private one",
+        help="publish to this broker (mqtt://host:port); default: start a private mosquitto, "
+        "or the embedded broker when mosquitto is not installed; 'embedded' forces the latter",
     )  # fmt: skip
     demo.add_argument(
         "--duration",

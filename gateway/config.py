@@ -201,12 +201,28 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
         settings = Settings.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(err) for err in exc.errors()]) from None
-    # Relative paths in the file are relative to the file, not to wherever the service started.
+    return _resolve_files(settings, file)
+
+
+def _resolve_files(settings: Settings, file: str) -> Settings:
+    """Make relative paths relative to the config file (not to wherever the service
+    started), and check now that the files the MQTT connection will need are there."""
     base = Path(file).resolve().parent
-    if not settings.outbox.path.is_absolute():
-        outbox = settings.outbox.model_copy(update={"path": base / settings.outbox.path})
-        settings = settings.model_copy(update={"outbox": outbox})
-    return settings
+    outbox = settings.outbox.model_copy(update={"path": base / settings.outbox.path})
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for key in ("ca", "cert", "key", "password_file"):
+        value = getattr(settings.mqtt, key)
+        if value is None:
+            continue
+        path = base / value
+        if not path.is_file():
+            problems.append(f"mqtt.{key}: no such file: {path}")
+        found[key] = path
+    if problems:
+        raise ConfigError(file, problems)
+    mqtt = settings.mqtt.model_copy(update=found)
+    return settings.model_copy(update={"outbox": outbox, "mqtt": mqtt})
 
 
 def _describe(err: Any) -> str:

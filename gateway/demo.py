@@ -76,8 +76,8 @@ async def demo(broker: str | None, duration: float | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     with tempfile.TemporaryDirectory(prefix="millwright-demo-") as tmp:
         async with ModbusSimulator(port=0) as sim, contextlib.AsyncExitStack() as stack:
-            if broker is None:
-                local = await stack.enter_async_context(LocalBroker())
+            if broker is None or broker == "embedded":
+                local = await stack.enter_async_context(LocalBroker(embedded=broker == "embedded"))
                 url, version, kind = local.url, local.version, f"private {local.kind} broker"
             else:
                 url, version, kind = broker, "5", "broker"

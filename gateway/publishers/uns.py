@@ -22,7 +22,8 @@ from typing import Any
 from gateway import __version__
 from gateway.config import GatewaySettings, MqttSettings
 from gateway.model import AssetPath, Batch, Entry, Quality, Status, iso_millis
-from gateway.publishers.mqtt import Message, MqttConnection
+from gateway.publishers.mqtt import MqttConnection
+from gateway.publishers.session import Message
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ def test_issue_example_config_is_valid() -> None:
 
 @pytest.mark.parametrize("file", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_passes_check(file: Path) -> None:
-    env = {"MQTT_USERNAME": "gateway", "PATH": "/usr/bin:/bin"}
+    env = {"MQTT_USERNAME": "gateway", "MQTT_PASSWORD": "secret", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check", str(file)],
         capture_output=True,
@@ -161,6 +161,26 @@ def test_password_file_is_read(tmp_path: Path) -> None:
     secret.write_text("s3cret\n")
     settings = config.parse(_with("mqtt.password_file", str(secret)), "plant.yaml", env={})
     assert settings.mqtt.secret() == "s3cret"
+
+
+@pytest.mark.parametrize("key", ["ca", "cert", "password_file"])
+def test_missing_tls_and_secret_files_are_config_errors(key: str, tmp_path: Path) -> None:
+    doc = json.loads(json.dumps(BASE))
+    doc["mqtt"][key] = "missing.pem"
+    if key == "cert":
+        doc["mqtt"]["key"] = "missing.key"
+    with pytest.raises(ConfigError) as info:
+        config.parse(yaml.safe_dump(doc), str(tmp_path / "plant.yaml"), env={})
+    assert f"mqtt.{key}: no such file: {tmp_path / 'missing.pem'}" in str(info.value)
+
+
+def test_relative_file_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not checked here")
+    doc = json.loads(json.dumps(BASE))
+    doc["mqtt"]["ca"] = "ca.pem"
+    settings = config.parse(yaml.safe_dump(doc), str(tmp_path / "plant.yaml"), env={})
+    assert settings.mqtt.ca == tmp_path / "ca.pem"
+    assert settings.outbox.path == tmp_path / "data" / "outbox.db"
 
 
 def test_committed_schema_is_current() -> None:
