@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
-from gateway.settings_types import Duration, Model, Segment
+from gateway.settings_types import Duration, Model, Segment, check_unique
 
 Device = Annotated[ModbusDevice, Field(discriminator="protocol")]
 DEVICE_PROTOCOLS = ("modbus",)
@@ -128,11 +128,7 @@ class Settings(Model):
 
     @model_validator(mode="after")
     def _unique_devices(self) -> Self:
-        seen: set[str] = set()
-        for device in self.devices:
-            if device.name in seen:
-                raise ValueError(f"device name {device.name!r} is used twice")
-            seen.add(device.name)
+        check_unique((d.name for d in self.devices), "device")
         return self
 
     def asset(self, device: ModbusDevice) -> AssetPath:

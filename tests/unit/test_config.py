@@ -112,6 +112,12 @@ def test_every_shipped_config_passes_check(file: Path) -> None:
             "tag 'strokes' (holding 1-2) overlaps tag 'temperature' (holding 0-1)",
         ),
         ("devices.0.tags.1.name", "temperature", "devices[0]", "tag name 'temperature' is used twice"),
+        (
+            "devices.0.tags.1",
+            {"name": "temperature_copy", "table": "holding", "address": 0, "type": "float32"},
+            "devices[0]",
+            "overlaps tag 'temperature'",
+        ),
         ("devices.0.tags.0.type", "string", "devices[0].tags[0]", "needs length"),
         ("gateway.site", "plant#1", "gateway.site", "pattern"),
         ("mqtt.url", "http://broker", "mqtt.url", "mqtt:// or mqtts://"),

@@ -7,7 +7,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gateway.settings_types import Duration, Model, Segment
+from gateway.settings_types import Duration, Model, Segment, check_unique
 
 Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal[
@@ -127,14 +127,13 @@ class ModbusDevice(Model):
 
     @model_validator(mode="after")
     def _unique_and_disjoint(self) -> Self:
-        seen: set[str] = set()
-        for tag in self.tags:
-            if tag.name in seen:
-                raise ValueError(f"tag name {tag.name!r} is used twice")
-            seen.add(tag.name)
+        check_unique((t.name for t in self.tags), "tag")
         # Two tags over the same registers almost always mean a typo in an address. Bits of
         # one register are the exception: several bool tags may share a status word.
-        spans = sorted((t.table, t.address, t.address + t.size - 1, t) for t in self.tags if t.bit is None)
+        spans = sorted(
+            ((t.table, t.address, t.address + t.size - 1, t) for t in self.tags if t.bit is None),
+            key=lambda span: span[:3],
+        )
         for (ta, _, end_a, a), (tb, start_b, end_b, b) in itertools.pairwise(spans):
             if ta == tb and start_b <= end_a:
                 raise ValueError(

@@ -1,0 +1,101 @@
+"""The `millwright` commands, run as a user runs them: as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from gateway.model import Quality, Reading
+from gateway.outbox import Outbox
+from tests.helpers import free_port
+
+
+def millwright(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_outbox_stats_reports_depth_and_last_seq(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = await Outbox.open(path)
+    try:
+        await outbox.append([Reading("press-1", f"t{i}", i, Quality.GOOD, 0, None, 1.0e9) for i in range(5)])
+        await outbox.ack(await outbox.lease(2))
+    finally:
+        await outbox.close()
+
+    result = millwright("outbox", "stats", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["depth"] == 3
+    assert stats["last_seq"] == 5
+    assert stats["dropped"] == 0
+    assert stats["oldest_age"] > 0
+
+    text = millwright("outbox", "stats", str(path))
+    assert "depth:       3 reading(s) waiting" in text.stdout
+
+
+def test_outbox_stats_of_a_missing_file_fails_without_creating_it(tmp_path: Path) -> None:
+    path = tmp_path / "nope.db"
+    result = millwright("outbox", "stats", str(path))
+    assert result.returncode == 1
+    assert str(path) in result.stderr
+    assert not path.exists()
+
+
+def test_schema_command_prints_the_config_schema() -> None:
+    result = millwright("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert set(schema["required"]) == {"gateway", "outbox", "mqtt", "devices"}
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["check"], ["outbox", "stats"], ["simulate", "modbus"], ["demo"]], ids=" ".join
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = millwright(*command, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: millwright")
+
+
+def test_usage_errors_exit_2() -> None:
+    result = millwright("fly")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+async def test_simulate_modbus_serves_the_press() -> None:
+    port = free_port()
+    args = ["simulate", "modbus", "--port", str(port), "--units", "3", "--seed", "1"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0, reconnect_delay=0)
+    try:
+        for _ in range(100):
+            if await client.connect():
+                break
+            await asyncio.sleep(0.1)
+        rr = await client.read_coils(0, count=3, device_id=3)
+        assert not rr.isError()
+        rr = await client.read_holding_registers(10, count=10, device_id=3)
+        assert not rr.isError()
+        program = b"".join(r.to_bytes(2, "big") for r in rr.registers).rstrip(b"\0 ").decode()
+        assert program == "PART-4711"
+    finally:
+        client.close()
+        await asyncio.sleep(0.05)  # let pymodbus's cancelled reconnect task finish
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 10)
+    assert code in (0, 130)

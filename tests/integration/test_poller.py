@@ -1,0 +1,146 @@
+"""The poller around real collectors: isolation between devices, state changes logged once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.backoff import Backoff
+from gateway.collectors.modbus.collector import ModbusCollector
+from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.model import Quality, Reading
+from gateway.poller import PollStats, poll
+from simulators.modbus import ModbusSimulator
+
+TAGS = [
+    {"name": "temperature", "table": "holding", "address": 0, "type": "float32"},
+    {"name": "running", "table": "coil", "address": 0},
+]
+
+
+def device(name: str, port: int) -> ModbusDevice:
+    return ModbusDevice.model_validate(
+        {
+            "name": name,
+            "protocol": "modbus",
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": "200ms",
+            "tags": TAGS,
+        }
+    )
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[tuple[ModbusSimulator, ModbusSimulator]]:
+    async with (
+        ModbusSimulator(port=0, units=(1,), seed=1) as a,
+        ModbusSimulator(port=0, units=(1,), seed=2) as b,
+    ):
+        yield a, b
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    async def __call__(self, readings: list[Reading]) -> None:
+        self.readings.extend(readings)
+
+    def of(self, device: str) -> list[Reading]:
+        return [r for r in self.readings if r.device == device]
+
+
+async def run_for(seconds: float, *pollers: object) -> None:
+    tasks = [asyncio.create_task(p) for p in pollers]  # type: ignore[arg-type]
+    await asyncio.sleep(seconds)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_hanging_device_does_not_slow_another(
+    sims: tuple[ModbusSimulator, ModbusSimulator], caplog: pytest.LogCaptureFixture
+) -> None:
+    hung, healthy = sims
+    hung.faults.latency = 5.0  # answers far beyond the 200 ms timeout
+    sink = Sink()
+    slow_stats, fast_stats = PollStats(), PollStats()
+    caplog.set_level(logging.INFO, logger="gateway.poller")
+    await run_for(
+        2.0,
+        poll(ModbusCollector(device("hung", hung.port)), 0.1, sink, stats=slow_stats,
+             backoff=Backoff(initial=0.1, cap=0.2)),
+        poll(ModbusCollector(device("healthy", healthy.port)), 0.1, sink, stats=fast_stats),
+    )  # fmt: skip
+    # 2 s at 100 ms is 20 ticks; the healthy device must keep (nearly) all of them.
+    assert fast_stats.cycles >= 15, fast_stats
+    assert all(r.quality is Quality.GOOD for r in sink.of("healthy"))
+    assert slow_stats.cycles == 0
+    assert slow_stats.failures >= 3  # it kept retrying ...
+    bad = sink.of("hung")
+    assert [r.tag for r in bad] == ["temperature", "running"]  # ... but reported Bad once
+    assert all(r.quality is Quality.BAD and r.status == 0x800A0000 for r in bad)
+    unreachable = [r for r in caplog.records if "hung unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+
+
+async def test_recovery_is_reported_once_and_values_resume(
+    sims: tuple[ModbusSimulator, ModbusSimulator], caplog: pytest.LogCaptureFixture
+) -> None:
+    sim, _ = sims
+    sink = Sink()
+    caplog.set_level(logging.INFO, logger="gateway.poller")
+    task = asyncio.create_task(
+        poll(ModbusCollector(device("press", sim.port)), 0.1, sink, backoff=Backoff(initial=0.1, cap=0.2))
+    )
+    try:
+        await asyncio.sleep(0.5)
+        sim.faults.drop_connections = True  # accepts, then hangs up: looks up, is not
+        sim.drop_clients()
+        await asyncio.sleep(1.5)
+        sim.faults.drop_connections = False
+        await asyncio.sleep(1.0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    qualities = [r.quality for r in sink.of("press") if r.tag == "temperature"]
+    first_bad = qualities.index(Quality.BAD)
+    assert qualities[:first_bad] == [Quality.GOOD] * first_bad
+    assert first_bad >= 2
+    assert qualities.count(Quality.BAD) == 1
+    assert qualities[first_bad + 1 :]
+    assert set(qualities[first_bad + 1 :]) == {Quality.GOOD}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in messages) == 1, messages
+    assert sum("recovered" in m for m in messages) == 1, messages
+
+
+async def test_schedule_is_fixed_rate(sims: tuple[ModbusSimulator, ModbusSimulator]) -> None:
+    sim, _ = sims
+    sink = Sink()
+    stats = PollStats()
+    sim.faults.latency = 0.03  # each read takes 30 ms of the 100 ms interval
+    await run_for(1.5, poll(ModbusCollector(device("press", sim.port)), 0.1, sink, stats=stats))
+    # Ticks are start + k * interval: the read time must not add up into drift. A drifting
+    # loop (sleep(interval) after each read) would manage about 11 in 1.5 s.
+    assert stats.cycles >= 14
+    assert stats.missed == 0
+    stamps = [r.read_time for r in sink.of("press") if r.tag == "temperature"]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert all(0.05 < g < 0.2 for g in gaps), gaps
+
+
+async def test_overrun_skips_ticks_and_counts_them(sims: tuple[ModbusSimulator, ModbusSimulator]) -> None:
+    sim, _ = sims
+    stats = PollStats()
+    # Two requests per read (holding, coil) at 70 ms each outlast the 100 ms interval.
+    sim.faults.latency = 0.07
+    await run_for(1.2, poll(ModbusCollector(device("press", sim.port)), 0.1, Sink(), stats=stats))
+    assert stats.failures == 0
+    assert 4 <= stats.cycles <= 8  # not a burst of catch-up reads
+    assert stats.missed >= stats.cycles - 1
