@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint check-tools mosquitto clean
+.PHONY: demo test lint mosquitto venv-tools clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml | venv-tools
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
@@ -18,15 +18,22 @@ demo: $(BIN)/.installed
 # certificates). Installed with apt-get when missing and we are root; otherwise say how.
 mosquitto:
 	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v openssl >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing mosquitto and openssl with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null; \
-	  else \
-	    echo "The tests need mosquitto and openssl. Install them, e.g.:"; \
-	    echo "  sudo apt-get install mosquitto mosquitto-clients openssl"; \
-	    exit 1; \
-	  fi; \
+	  $(call apt_install,mosquitto mosquitto-clients openssl); \
 	fi
+
+# Debian's python3 has no venv module until python3-venv is installed.
+venv-tools:
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
+	  $(call apt_install,python3-venv); \
+	fi
+
+apt_install = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(1) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	  else \
+	    echo "Missing: $(1). Install it, e.g.: sudo apt-get install $(1)"; \
+	    exit 1; \
+	  fi
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

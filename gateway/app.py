@@ -7,11 +7,10 @@ import logging
 import signal
 from typing import Any
 
-from gateway.backoff import Backoff
 from gateway.collectors import Collector
 from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.config import Settings
-from gateway.errors import BrokerUnavailable, PublishError
+from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import AssetPath
 from gateway.outbox import Outbox
 from gateway.poller import poll
@@ -31,10 +30,12 @@ def make_collector(device: Any) -> Collector:
 async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int) -> None:
     """Move readings from the outbox to the broker forever: lease, publish, ack.
 
-    A batch is acked only after the broker confirmed every message in it; any failure
-    releases it, so the same readings (same `seq`) are published again, in order.
+    A batch is acked only after the broker confirmed every message in it; a lost
+    connection releases it, so the same readings (same `seq`) are published again, in
+    order. A message the broker refuses for good (e.g. not authorised for its topic) is
+    dropped and counted: retrying it would stall every device behind it.
     """
-    backoff = Backoff(initial=0.5, cap=10.0)
+    refused_topics: set[str] = set()
     while True:
         await outbox.wait()
         await connection.wait_connected()
@@ -45,15 +46,15 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
             await publisher.publish(batch)
         except BrokerUnavailable:
             await outbox.release(batch)  # the connection task reconnects; wait_connected() waits for it
-        except PublishError as exc:
-            # The broker refused a message (e.g. not authorised for a topic). Retrying keeps
-            # the data and the problem visible; skipping would lose readings silently.
-            await outbox.release(batch)
-            log.error("broker refused a message: %s", exc)
-            await asyncio.sleep(backoff.next())
+        except MessagesRefused as exc:
+            await outbox.ack(batch, refused=len(exc.refused))
+            for topic, reason in exc.refused:
+                if topic not in refused_topics:  # once per topic, not once per reading
+                    refused_topics.add(topic)
+                    log.error("broker refused readings on %s (%s): dropping them, counted in outbox stats",
+                              topic, reason)  # fmt: skip
         else:
             await outbox.ack(batch)
-            backoff.reset()
 
 
 class Gateway:

@@ -1,4 +1,4 @@
-"""Exponential backoff with full jitter, as a small value object."""
+"""Exponential backoff with jitter, as a small value object."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class Backoff:
-    """Delays that grow from `initial` by `factor` up to `cap`, each with random jitter.
+    """Delays that grow from `initial` by `factor` up to `cap`, each varied by ±`jitter`.
 
     Jitter spreads reconnects of many gateways (or many devices) after a shared outage,
     so they do not hammer a broker or a PLC in lockstep.

@@ -50,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         "--units", default="1,2", help="comma-separated unit ids, one press each (default 1,2)"
     )
     modbus.add_argument("--seed", type=int, default=None, help="random seed, for repeatable signals")
+    faults = modbus.add_argument_group("fault injection (to see how a gateway copes)")
+    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every response")
+    faults.add_argument(
+        "--exception",
+        type=int,
+        default=None,
+        metavar="CODE",
+        help="answer with this Modbus exception code (e.g. 2, 4)",
+    )
+    faults.add_argument(
+        "--exception-range", action="append", default=[], metavar="TABLE:FIRST-LAST",
+        help="only for requests touching this range, e.g. holding:0-9 (repeatable; default: every request)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--drop-connections", action="store_true", help="accept connections and close them at once"
+    )
 
     demo = sub.add_parser("demo", help="simulator + gateway + broker together; readings shown live")
     demo.add_argument(
@@ -84,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"millwright: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OutboxError as exc:
+        print(f"millwright: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -153,13 +172,33 @@ def _outbox_stats(file: Path, *, as_json: bool) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulators.modbus import serve
+    from simulators.modbus import Faults, serve
 
     try:
         units = [int(u) for u in args.units.split(",") if u.strip()]
     except ValueError:
         print(f"millwright: --units {args.units!r}: expected numbers like 1,2", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        faults = Faults(
+            latency=args.latency,
+            exception=args.exception,
+            exception_ranges=[_table_range(text) for text in args.exception_range],
+            drop_connections=args.drop_connections,
+        )
+    except ValueError as exc:
+        print(f"millwright: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     log.warning("Modbus simulator on %s:%d, unit(s) %s; Ctrl-C to stop", args.host, args.port, units)
-    asyncio.run(serve(args.host, args.port, units, args.seed))
+    asyncio.run(serve(args.host, args.port, units, args.seed, faults))
     return 0
+
+
+def _table_range(text: str) -> tuple[str, int, int]:
+    """`holding:0-9` -> ("holding", 0, 9); `coil:3` -> ("coil", 3, 3)."""
+    table, _, span = text.partition(":")
+    first, _, last = span.partition("-")
+    try:
+        return table, int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--exception-range {text!r}: expected TABLE:FIRST-LAST, e.g. holding:0-9") from None

@@ -87,6 +87,9 @@ class MqttSettings(Model):
             raise ValueError("scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
             raise ValueError("the URL has no host")
+        if parts.username is not None or parts.password is not None:
+            # Credentials in a URL end up in logs and process listings.
+            raise ValueError("put credentials in username and password (or password_file), not in the URL")
         try:
             parts.port  # noqa: B018  (parsing the port is the check)
         except ValueError as exc:
@@ -116,7 +119,8 @@ class MqttSettings(Model):
     def secret(self) -> str | None:
         """The password, read from password_file when one is given."""
         if self.password_file is not None:
-            return self.password_file.read_text(encoding="utf-8").splitlines()[0]
+            lines = self.password_file.read_text(encoding="utf-8").splitlines()
+            return lines[0] if lines else ""
         return self.password
 
 
@@ -214,6 +218,8 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
         path = base / value
         if not path.is_file():
             problems.append(f"mqtt.{key}: no such file: {path}")
+        elif key == "password_file" and not path.read_text(encoding="utf-8").strip():
+            problems.append(f"mqtt.{key}: the file is empty: {path}")
         found[key] = path
     if problems:
         raise ConfigError(file, problems)

@@ -6,7 +6,8 @@
     │   ├── NotConnected       the connection is gone; the poller reconnects with backoff
     │   └── DeviceTimeout      no answer in time; the poller treats it like NotConnected
     ├── PublishError           the broker did not take a batch
-    │   └── BrokerUnavailable  not connected; the batch is released back to the outbox
+    │   ├── BrokerUnavailable  not connected; the batch is released back to the outbox
+    │   └── MessagesRefused    the broker refused some messages for good; the rest were confirmed
     └── OutboxError            the local buffer cannot be used
 
 Library exceptions (pymodbus, paho, sqlite3) are translated into these once, at the
@@ -53,6 +54,17 @@ class PublishError(GatewayError):
 
 class BrokerUnavailable(PublishError):
     """Not connected to the broker; nothing was handed to the client library."""
+
+
+class MessagesRefused(PublishError):
+    """The broker refused some messages (MQTT 5 PUBACK reason >= 0x80, e.g. not authorised)
+    and confirmed all the others. `refused` lists (topic, reason) in publish order."""
+
+    def __init__(self, refused: list[tuple[str, str]]) -> None:
+        self.refused = refused
+        topic, reason = refused[0]
+        more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+        super().__init__(f"the broker refused the message to {topic!r}: {reason}{more}")
 
 
 class OutboxError(GatewayError):

@@ -89,6 +89,12 @@ _OLDEST_AND_PAGES = (
     " (SELECT page_count FROM pragma_page_count())"
 )
 
+_SEED_SEQ = "INSERT INTO sqlite_sequence (name, seq) VALUES ('reading', ?)"
+_LAST_SEQ_SOURCES = (
+    "SELECT seq FROM sqlite_sequence WHERE name = 'reading'",
+    "SELECT max(seq) FROM reading",
+)
+
 _Row = tuple[str, str, str | None, int, int, float | None, float, str | None]
 
 
@@ -275,18 +281,22 @@ class Outbox:
         """Return when there are unleased rows (at once if there are)."""
         await self._ready.wait()
 
-    async def ack(self, batch: Batch) -> None:
-        """Delete the batch's rows: the broker has confirmed them."""
+    async def ack(self, batch: Batch, *, refused: int = 0) -> None:
+        """Delete the batch's rows: the broker has confirmed them, or refused `refused` of
+        them for good (those are counted as dropped)."""
         if batch.entries:
-            await asyncio.shield(self._ack(batch.entries[0].seq, batch.last_seq))
+            await asyncio.shield(self._ack(batch.entries[0].seq, batch.last_seq, refused))
 
-    async def _ack(self, first: int, last: int) -> None:
+    async def _ack(self, first: int, last: int, refused: int) -> None:
         async with self._lock:
             async with self._transaction("ack"):
                 # The batch is a seq range: one consumer leases in order. Rows in it that
                 # drop_oldest already deleted are simply not there any more.
                 cursor = await self._db.execute(_ACK, (first, last))
+                if refused:
+                    await self._db.execute(_ADD_DROPPED, (refused,))
             self._count -= cursor.rowcount
+            self._dropped += refused
             if self._full_since is not None and await self._has_room():
                 self._end_episode()
 
@@ -352,17 +362,51 @@ class Outbox:
 async def _connect(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:
     """Open and check the file; a corrupt one is moved aside and replaced, once."""
     try:
-        return await _prepare(path)
-    except _Corrupt as exc:
-        moved = _move_aside(path, clock())
-        log.error("outbox %s is corrupt (%s): moved it to %s and started a fresh one", path, exc, moved)
-    except sqlite3.Error as exc:
-        # Locked, no permission, missing directory: not corruption; moving the file would not help.
-        raise OutboxError(f"outbox {path}: {exc}") from exc
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutboxError(f"outbox {path}: cannot create its directory: {exc.strerror or exc}") from exc
     try:
         return await _prepare(path)
+    except _Corrupt as exc:
+        damage = str(exc)
+        floor = _salvage_last_seq(path)
+        moved = _move_aside(path, clock())
+    except sqlite3.Error as exc:
+        # Locked, no permission: not corruption; moving the file would not help.
+        raise OutboxError(f"outbox {path}: {exc}") from exc
+    if floor is None:
+        # Nothing readable: continue from the clock in microseconds, which stays above any
+        # seq the old file can have reached (that would take 10^6 readings/s since 1970).
+        floor = time.time_ns() // 1000
+    try:
+        db = await _prepare(path)
+        await db.execute(_SEED_SEQ, (floor,))
+        await db.commit()
     except (_Corrupt, sqlite3.Error) as exc:
         raise OutboxError(f"outbox {path}: cannot start a fresh database: {exc}") from exc
+    log.error(
+        "outbox %s is corrupt (%s): moved it to %s and started a fresh one; seq continues after %d",
+        path, damage, moved, floor,
+    )  # fmt: skip
+    return db
+
+
+def _salvage_last_seq(path: Path) -> int | None:
+    """The highest seq a damaged file still shows, or None.
+
+    A fresh database must not start seq again at 1: consumers detect gaps and duplicates
+    by seq, and one that drops "duplicates" would throw away every new reading."""
+    found: list[int] = []
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            for sql in _LAST_SEQ_SOURCES:  # each may survive where the other's pages are damaged
+                with contextlib.suppress(sqlite3.Error):
+                    (n,) = db.execute(sql).fetchone()
+                    if isinstance(n, int):
+                        found.append(n)
+    except sqlite3.Error as exc:
+        log.debug("outbox %s: no seq readable: %s", path, exc)
+    return max(found) if found else None
 
 
 async def _prepare(path: Path) -> aiosqlite.Connection:

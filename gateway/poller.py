@@ -87,9 +87,6 @@ async def poll(
 async def _read_forever(
     collector: Collector, every: float, sink: Sink, *, stats: PollStats, backoff: Backoff, outage: _Outage
 ) -> None:
-    # Ticks are fixed points on the monotonic clock (start + k * every), so the schedule
-    # does not drift by the read time, and a read that overruns skips ticks (counted)
-    # instead of firing a burst to catch up.
     loop = asyncio.get_running_loop()
     due = loop.time()
     while True:
@@ -99,10 +96,22 @@ async def _read_forever(
         stats.cycles += 1
         if readings:
             await sink(readings)
-        due += every
         now = loop.time()
-        if now > due:
-            skipped = int((now - due) // every) + 1
-            stats.missed += skipped
-            due += skipped * every
+        due, skipped = next_tick(due, now, every)
+        stats.missed += skipped
         await asyncio.sleep(due - now)
+
+
+def next_tick(due: float, now: float, every: float) -> tuple[float, int]:
+    """The tick to wait for after a read that was due at `due` and ended at `now`, and how
+    many ticks that read overran.
+
+    Ticks are fixed points on the monotonic clock (start + k * every), so the schedule does
+    not drift by the read time, and a read that overruns skips ticks (counted) instead of
+    firing a burst of reads to catch up.
+    """
+    due += every
+    if now <= due:
+        return due, 0
+    skipped = int((now - due) // every) + 1
+    return due + skipped * every, skipped

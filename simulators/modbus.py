@@ -353,7 +353,12 @@ class ModbusSimulator:
             return exception_pdu(pdu[0], exc.code)
 
 
-async def serve(host: str, port: int, units: Sequence[int], seed: int | None) -> None:
-    """Run the simulator until cancelled (`millwright simulate modbus`)."""
-    async with ModbusSimulator(host, port, units, seed):
+async def serve(
+    host: str, port: int, units: Sequence[int], seed: int | None, faults: Faults | None = None
+) -> None:
+    """Run the simulator, with `faults` injected from the start, until cancelled
+    (`millwright simulate modbus`)."""
+    async with ModbusSimulator(host, port, units, seed) as sim:
+        if faults is not None:
+            sim.faults = faults
         await asyncio.Event().wait()  # parked until cancelled; __aexit__ closes everything

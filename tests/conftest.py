@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from tests.helpers import (
 
 __all__ = ["MakeMosquitto", "Subscribe"]  # re-exported: tests import them from here too
 
+# Tasks a test started get this long to end after it (pymodbus's close() cancels a task
+# without awaiting it, and aiosqlite hands results back a loop turn later).
+TASK_GRACE = 0.5
 # Threads a test started get this long to end after it, before the test fails.
 THREAD_GRACE = 2.0
 
@@ -43,6 +47,21 @@ def no_thread_leaks() -> Iterator[None]:
         if time.monotonic() > deadline:
             pytest.fail(f"the test leaked threads: {', '.join(sorted(t.name for t in leaked))}")
         time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+async def no_task_leaks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running (after the other fixtures' teardown:
+    autouse fixtures are set up first and torn down last)."""
+    yield
+    current = asyncio.current_task()
+    deadline = time.monotonic() + TASK_GRACE
+    while leaked := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
+        if time.monotonic() > deadline:
+            for task in leaked:
+                task.cancel()
+            pytest.fail(f"the test leaked tasks: {', '.join(sorted(t.get_name() for t in leaked))}")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -143,7 +143,7 @@ class MqttConnection:
                 async with asyncio.timeout(_FINAL_TIMEOUT):
                     await session.publish(final)
             except (PublishError, TimeoutError) as exc:
-                log.warning("final messages to %s not confirmed: %s", self.where, exc or "timed out")
+                log.warning("final messages to %s not confirmed: %s", self.where, str(exc) or "timed out")
         await session.disconnect()
 
     async def _establish(self) -> Session:

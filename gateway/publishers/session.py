@@ -21,7 +21,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.errors import BrokerUnavailable, PublishError
+from gateway.errors import BrokerUnavailable, MessagesRefused, PublishError
 
 Message = tuple[str, bytes, int, bool]
 """topic, payload, qos, retain"""
@@ -33,11 +33,12 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 class _Tracker:
     """The PUBACKs still awaited by one `publish_many` call."""
 
-    __slots__ = ("done", "error", "remaining")
+    __slots__ = ("done", "error", "refused", "remaining")
 
     def __init__(self, count: int) -> None:
         self.done = asyncio.Event()
         self.error: PublishError | None = None
+        self.refused: list[tuple[str, str]] = []
         self.remaining = count
 
     def finish(self, error: PublishError | None = None) -> None:
@@ -143,8 +144,9 @@ class Session:
     def _settle(self, tracker: _Tracker, topic: str, reason: ReasonCode) -> None:
         self.window.release()
         if reason.is_failure:
-            tracker.finish(PublishError(f"the broker refused the message to {topic!r}: {reason}"))
-            return
+            # Keep going: the other messages may be accepted, and the caller must know
+            # exactly which were confirmed and which refused.
+            tracker.refused.append((topic, str(reason)))
         tracker.remaining -= 1
         if tracker.remaining == 0:
             tracker.finish()
@@ -218,6 +220,8 @@ class Session:
         await tracker.done.wait()
         if tracker.error is not None:
             raise tracker.error
+        if tracker.refused:
+            raise MessagesRefused(tracker.refused)
 
 
 async def open_client(client: paho.Client, args: dict[str, Any]) -> None:

@@ -99,3 +99,33 @@ async def test_simulate_modbus_serves_the_press() -> None:
         proc.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 10)
     assert code in (0, 130)
+
+
+async def test_simulate_modbus_injects_exceptions_from_the_command_line() -> None:
+    port = free_port()
+    args = ["simulate", "modbus", "--port", str(port), "--exception", "4", "--exception-range", "holding:0-1"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0, reconnect_delay=0)
+    try:
+        for _ in range(100):
+            if await client.connect():
+                break
+            await asyncio.sleep(0.1)
+        rejected = await client.read_holding_registers(0, count=2, device_id=1)
+        assert rejected.isError()
+        assert rejected.exception_code == 4
+        outside = await client.read_holding_registers(4, count=1, device_id=1)
+        assert not outside.isError()
+    finally:
+        client.close()
+        await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+def test_simulate_modbus_rejects_a_bad_range() -> None:
+    result = millwright("simulate", "modbus", "--exception", "2", "--exception-range", "registers:0-9")
+    assert result.returncode == 2
+    assert "unknown table" in result.stderr

@@ -20,7 +20,7 @@ import pytest
 
 from gateway import __version__
 from gateway.config import GatewaySettings, MqttSettings
-from gateway.errors import BrokerUnavailable, PublishError
+from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import AssetPath, Batch, Entry, Quality, Reading, Status
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.uns import connect_uns
@@ -103,16 +103,24 @@ async def test_connection_dropping_during_publish_raises_broker_unavailable(mosq
             await asyncio.wait_for(pending, 3)
 
 
-async def test_refused_puback_raises_publish_error_naming_the_topic(
-    make_mosquitto: MakeMosquitto, tmp_path: Path
+async def test_refused_messages_are_named_and_the_rest_confirmed(
+    make_mosquitto: MakeMosquitto, subscriber: Subscribe, tmp_path: Path
 ) -> None:
     acl = tmp_path / "acl"
-    acl.write_text("topic write allowed/#\n", encoding="utf-8")
+    acl.write_text("topic readwrite allowed/#\n", encoding="utf-8")
     broker = make_mosquitto(f"acl_file {acl}")
+    sub = subscriber(broker, "allowed/#")
     conn = MqttConnection(settings(broker), client_id="t-acl")
     async with running(conn):
-        with pytest.raises(PublishError, match=r"'denied/x'.*Not authorized"):
-            await conn.publish_many([("allowed/a", b"1", 1, False), ("denied/x", b"2", 1, False)])
+        messages = [
+            ("allowed/a", b"1", 1, False),
+            ("denied/x", b"2", 1, False),
+            ("allowed/c", b"3", 1, False),
+        ]
+        with pytest.raises(MessagesRefused, match=r"'denied/x'.*Not authorized") as info:
+            await conn.publish_many(messages)
+        assert [topic for topic, _ in info.value.refused] == ["denied/x"]
+        await sub.received(topics("allowed/a", "allowed/c"))
         await conn.publish_many([("allowed/b", b"3", 1, False)])  # the connection is still fine
 
 

@@ -122,6 +122,7 @@ def test_every_shipped_config_passes_check(file: Path) -> None:
         ("gateway.site", "plant#1", "gateway.site", "pattern"),
         ("mqtt.url", "http://broker", "mqtt.url", "mqtt:// or mqtts://"),
         ("mqtt.url", "mqtt://broker:99999", "mqtt.url", "bad port"),
+        ("mqtt.url", "mqtt://bob:s3cret@broker:1883", "mqtt.url", "not in the URL"),
         ("mqtt.version", "4", "mqtt.version", "'5' or '3.1.1'"),
         ("outbox.max_rows", 0, "outbox.max_rows", "greater than or equal to 100"),
         ("outbox.policy", "drop_all", "outbox.policy", "'drop_oldest' or 'drop_newest'"),
@@ -160,6 +161,12 @@ def test_missing_environment_variable_is_an_error_at_its_key() -> None:
 def test_yaml_syntax_error_names_the_line() -> None:
     with pytest.raises(ConfigError, match=r"line \d+, column \d+: not valid YAML"):
         config.parse("gateway:\n  id: [edge\n", "plant.yaml", env={})
+
+
+def test_empty_password_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("\n")
+    with pytest.raises(ConfigError, match=r"mqtt.password_file: the file is empty"):
+        config.parse(_with("mqtt.password_file", str(tmp_path / "pw")), "plant.yaml", env={})
 
 
 def test_password_file_is_read(tmp_path: Path) -> None:

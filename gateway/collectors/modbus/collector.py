@@ -204,7 +204,7 @@ class ModbusCollector:
         client = self._client
         # Checked here because pymodbus would otherwise try to reconnect on its own.
         if client is None or not client.connected:
-            raise NotConnected(self.name, "not connected")
+            raise NotConnected(self.name, f"{self._device.host}:{self._device.port} closed the connection")
         try:
             return await _call(client, request, self._device.unit)
         except ConnectionException as exc:
