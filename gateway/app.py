@@ -57,6 +57,19 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
             await outbox.ack(batch)
 
 
+async def cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait until they are done, cancelling again if need be.
+
+    Once is not always enough on Python 3.11: its `asyncio.wait_for` (which pymodbus awaits
+    every response with) drops a cancellation that arrives as the response does, and the
+    poller then carries on as if nothing happened, so shutdown would wait forever.
+    """
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+
+
 class Gateway:
     """Runs one configuration until `stop()`; on the way out commits, says offline, disconnects."""
 
@@ -91,13 +104,10 @@ class Gateway:
                 )  # fmt: skip
                 await self._stop.wait()
                 # Collectors first, so every reading they made is committed before we leave.
-                for task in pollers:
-                    task.cancel()
-                await asyncio.gather(*pollers, return_exceptions=True)
-                fwd.cancel()
-                await asyncio.gather(fwd, return_exceptions=True)
+                await cancel(pollers)
+                await cancel([fwd])
                 await publisher.close()
-                link.cancel()
+                await cancel([link])
         finally:
             for _, collector in collectors:
                 await collector.close()
