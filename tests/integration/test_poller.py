@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import pytest
 
+from gateway.app import cancel
 from gateway.backoff import Backoff
 from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
@@ -54,12 +56,10 @@ class Sink:
         return [r for r in self.readings if r.device == device]
 
 
-async def run_for(seconds: float, *pollers: object) -> None:
-    tasks = [asyncio.create_task(p) for p in pollers]  # type: ignore[arg-type]
+async def run_for(seconds: float, *pollers: Coroutine[Any, Any, None]) -> None:
+    tasks = [asyncio.create_task(p) for p in pollers]
     await asyncio.sleep(seconds)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel(tasks)
 
 
 async def test_a_hanging_device_does_not_slow_another(
@@ -106,8 +106,7 @@ async def test_recovery_is_reported_once_and_values_resume(
         sim.faults.drop_connections = False
         await asyncio.sleep(1.0)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel([task])
     qualities = [r.quality for r in sink.of("press") if r.tag == "temperature"]
     first_bad = qualities.index(Quality.BAD)
     assert qualities[:first_bad] == [Quality.GOOD] * first_bad
