@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -75,24 +77,22 @@ def test_usage_errors_exit_2() -> None:
     assert "invalid choice" in result.stderr
 
 
-async def test_simulate_modbus_serves_the_press() -> None:
+@contextlib.asynccontextmanager
+async def simulator_process(*options: str) -> AsyncIterator[AsyncModbusTcpClient]:
+    """`millwright simulate modbus` on a free port, and a client connected to it. Stopped
+    with Ctrl-C (SIGINT), as a user stops it; it must exit cleanly."""
     port = free_port()
-    args = ["simulate", "modbus", "--port", str(port), "--units", "3", "--seed", "1"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+        sys.executable, "-m", "gateway", "simulate", "modbus", "--port", str(port), *options,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0, reconnect_delay=0)
     try:
         for _ in range(100):
             if await client.connect():
                 break
             await asyncio.sleep(0.1)
-        rr = await client.read_coils(0, count=3, device_id=3)
-        assert not rr.isError()
-        rr = await client.read_holding_registers(10, count=10, device_id=3)
-        assert not rr.isError()
-        program = b"".join(r.to_bytes(2, "big") for r in rr.registers).rstrip(b"\0 ").decode()
-        assert program == "PART-4711"
+        yield client
     finally:
         client.close()
         await asyncio.sleep(0.05)  # let pymodbus's cancelled reconnect task finish
@@ -101,28 +101,23 @@ async def test_simulate_modbus_serves_the_press() -> None:
     assert code in (0, 130)
 
 
+async def test_simulate_modbus_serves_the_press() -> None:
+    async with simulator_process("--units", "3", "--seed", "1") as client:
+        rr = await client.read_coils(0, count=3, device_id=3)
+        assert not rr.isError()
+        rr = await client.read_holding_registers(10, count=10, device_id=3)
+        assert not rr.isError()
+        program = b"".join(r.to_bytes(2, "big") for r in rr.registers).rstrip(b"\0 ").decode()
+        assert program == "PART-4711"
+
+
 async def test_simulate_modbus_injects_exceptions_from_the_command_line() -> None:
-    port = free_port()
-    args = ["simulate", "modbus", "--port", str(port), "--exception", "4", "--exception-range", "holding:0-1"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0, reconnect_delay=0)
-    try:
-        for _ in range(100):
-            if await client.connect():
-                break
-            await asyncio.sleep(0.1)
+    async with simulator_process("--exception", "4", "--exception-range", "holding:0-1") as client:
         rejected = await client.read_holding_registers(0, count=2, device_id=1)
         assert rejected.isError()
         assert rejected.exception_code == 4
         outside = await client.read_holding_registers(4, count=1, device_id=1)
         assert not outside.isError()
-    finally:
-        client.close()
-        await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.wait(), 10)
 
 
 def test_simulate_modbus_rejects_a_bad_range() -> None:
