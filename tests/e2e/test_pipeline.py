@@ -10,23 +10,22 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gateway.outbox import read_stats
 from simulators.modbus import ModbusSimulator
 from tests.conftest import MakeMosquitto, Subscribe
+from tests.e2e.conftest import GatewayProcess, RunGateway, assert_no_gap
 from tests.helpers import Message, Mosquitto
 
+ISA95 = {"enterprise": "acme", "site": "plant1", "area": "press-shop", "line": "line-1"}
 TOPIC = "acme/plant1/press-shop/line-1/press-1"
 STATUS = "acme/plant1/_gateway/edge-e2e/status"
 ISO_MILLIS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -40,44 +39,6 @@ TAGS = [
 ]
 
 
-class GatewayProcess:
-    """`millwright run` in a child process, with its log kept for failure messages."""
-
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.log = config.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", str(self.config)], stdout=log, stderr=log
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    async def terminate(self) -> int:
-        """SIGTERM and wait (without blocking the loop the simulator runs on)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while (code := self.proc.poll()) is None:
-            assert time.monotonic() < deadline, f"gateway ignored SIGTERM:\n{self.text()}"
-            await asyncio.sleep(0.05)
-        return code
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
 async def simulator() -> AsyncIterator[ModbusSimulator]:
     async with ModbusSimulator(port=0, units=(1,), seed=7) as sim:
@@ -85,32 +46,27 @@ async def simulator() -> AsyncIterator[ModbusSimulator]:
 
 
 @pytest.fixture
-def gateway_process(tmp_path: Path) -> Iterator[Any]:
-    made: list[GatewayProcess] = []
+def gateway_process(run_gateway: RunGateway, tmp_path: Path) -> Any:
+    """Start `millwright run` on the simulated press, publishing to `broker`."""
 
     def make(
         sim: ModbusSimulator, broker: Mosquitto, *, poll: str = "200ms", outbox: Path | None = None
     ) -> GatewayProcess:
-        isa95 = {"enterprise": "acme", "site": "plant1", "area": "press-shop", "line": "line-1"}
-        config = {
-            "gateway": {"id": "edge-e2e", **isa95},
-            "outbox": {"path": str(outbox or tmp_path / "outbox.db")},
-            "mqtt": {"url": broker.url},
-            "devices": [
-                {"name": "press-1", "protocol": "modbus", "host": "127.0.0.1", "port": sim.port, "unit": 1,
-                 "poll": poll, "timeout": "500ms", "tags": TAGS},
-            ],
+        device = {
+            "name": "press-1", "protocol": "modbus", "host": "127.0.0.1", "port": sim.port, "unit": 1,
+            "poll": poll, "timeout": "500ms", "tags": TAGS,
         }  # fmt: skip
-        path = tmp_path / f"gateway-{len(made)}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = GatewayProcess(path)
-        made.append(process)
-        process.start()
-        return process
+        outbox_path = str(outbox or tmp_path / "outbox.db")
+        return run_gateway(
+            {
+                "gateway": {"id": "edge-e2e", **ISA95},
+                "outbox": {"path": outbox_path},
+                "mqtt": {"url": broker.url},
+                "devices": [device],
+            }
+        )
 
-    yield make
-    for process in made:
-        process.close()
+    return make
 
 
 def readings(messages: list[Message]) -> list[dict[str, Any]]:
@@ -126,11 +82,6 @@ def readings(messages: list[Message]) -> list[dict[str, Any]]:
 
 def seqs(messages: list[Message]) -> set[int]:
     return {r["seq"] for r in readings(messages)}
-
-
-def assert_no_gap(seen: set[int]) -> None:
-    missing = sorted(set(range(1, max(seen) + 1)) - seen)
-    assert not missing, f"{len(missing)} seq missing, first {missing[:10]} (seen up to {max(seen)})"
 
 
 async def test_readings_reach_the_broker_with_topic_unit_quality_and_seq(
