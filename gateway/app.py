@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 from gateway.collectors import Collector
 from gateway.collectors.modbus.collector import ModbusCollector
+from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.collectors.opcua.collector import OpcUaCollector
+from gateway.collectors.opcua.settings import OpcUaDevice
 from gateway.config import Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import AssetPath
@@ -20,11 +24,11 @@ from gateway.publishers.uns import connect_uns
 log = logging.getLogger(__name__)
 
 
-def make_collector(device: Any) -> Collector:
+def make_collector(device: ModbusDevice | OpcUaDevice, pki_dir: Path) -> Collector:
     """The collector for one configured device (dispatch on its protocol)."""
-    if device.protocol == "modbus":
-        return ModbusCollector(device)
-    raise ValueError(f"no collector for protocol {device.protocol!r}")  # config rejects this first
+    if isinstance(device, OpcUaDevice):
+        return OpcUaCollector(device, pki_dir)
+    return ModbusCollector(device)
 
 
 async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int) -> None:
@@ -85,7 +89,7 @@ class Gateway:
         outbox = await Outbox.open(
             s.outbox.path, max_rows=s.outbox.max_rows, max_bytes=s.outbox.max_bytes, policy=s.outbox.policy
         )
-        collectors = [(device, make_collector(device)) for device in s.devices]
+        collectors = [(device, make_collector(device, s.pki_dir)) for device in s.devices]
         described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
             device.name: (s.asset(device), collector.describe()) for device, collector in collectors
         }
@@ -95,7 +99,7 @@ class Gateway:
                 link = tasks.create_task(connection.run(), name="mqtt")
                 fwd = tasks.create_task(forward(outbox, publisher, connection, s.mqtt.batch), name="forward")
                 pollers = [
-                    tasks.create_task(poll(c, d.poll, outbox.append), name=f"poll {d.name}")
+                    tasks.create_task(poll(c, d.cycle, outbox.append), name=f"poll {d.name}")
                     for d, c in collectors
                 ]
                 log.info(

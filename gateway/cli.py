@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,9 @@ from gateway import __version__, config
 from gateway.errors import ConfigError, OutboxError
 
 EXIT_CONFIG = 2  # bad config or usage: systemd must not restart into the same error
+# Certificates of the interactive commands (browse, simulate opcua); the service keeps its
+# own next to its outbox (gateway.pki_dir).
+STATE = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "millwright"
 
 log = logging.getLogger("gateway")
 
@@ -67,6 +71,49 @@ def _parser() -> argparse.ArgumentParser:
         "--drop-connections", action="store_true", help="accept connections and close them at once"
     )
 
+    opcua = ssub.add_parser(
+        "opcua", help="OPC UA CNC machine and packaging line (nodes: simulators/OPCUA.md)"
+    )
+    opcua.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    opcua.add_argument("--port", type=int, default=4840, help="TCP port (default 4840)")
+    opcua.add_argument("--seed", type=int, default=None, help="random seed, for repeatable signals")
+    opcua.add_argument(
+        "--pki", type=Path, default=STATE / "opcua-simulator", metavar="DIR",
+        help="where the server certificate is kept, so its fingerprint stays the same "
+        f"(default {STATE}/opcua-simulator)",
+    )  # fmt: skip
+
+    browse = sub.add_parser(
+        "browse", help="print an OPC UA server's address space, or a tags: block for a config (--config)"
+    )
+    browse.add_argument("endpoint", help="opc.tcp://HOST:PORT")
+    browse.add_argument("--node", default=None, help="start node id (default: the Objects folder)")
+    browse.add_argument("--depth", type=int, default=3, help="levels below the start node (default 3)")
+    browse.add_argument("--config", action="store_true", help="print a YAML tags: block for the variables")
+    browse.add_argument(
+        "--policy", default="None",
+        choices=["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"],
+        help="security policy (default None)",
+    )  # fmt: skip
+    browse.add_argument(
+        "--mode", default=None, choices=["None", "Sign", "SignAndEncrypt"],
+        help="message security (default: SignAndEncrypt with a policy, else None)",
+    )  # fmt: skip
+    browse.add_argument(
+        "--server-certificate", default=None, metavar="FINGERPRINT|PATH",
+        help="trust the server by SHA-256 fingerprint, certificate file or trust directory",
+    )  # fmt: skip
+    browse.add_argument(
+        "--user", default=None, help="user name (password from $OPCUA_PASSWORD or --password-file)"
+    )
+    browse.add_argument(
+        "--password-file", type=Path, default=None, help="file whose first line is the password"
+    )
+    browse.add_argument(
+        "--pki", type=Path, default=STATE / "pki", metavar="DIR",
+        help=f"where the client certificate is kept (default {STATE}/pki)",
+    )  # fmt: skip
+
     demo = sub.add_parser("demo", help="simulator + gateway + broker together; readings shown live")
     demo.add_argument(
         "--broker", default=None, metavar="URL",
@@ -89,8 +136,10 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pymodbus logs every failed connect at ERROR; our poller reports state changes once.
+    # pymodbus logs every failed connect at ERROR, asyncua a traceback per lost connection;
+    # our poller reports each state change once.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +173,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "simulate":
         _logging("debug" if args.verbose else "info")
+        if args.protocol == "opcua":
+            from simulators.opcua import serve as serve_opcua
+
+            asyncio.run(serve_opcua(args.host, args.port, args.seed, args.pki))
+            return 0
         return _simulate(args)
+    if args.command == "browse":
+        _logging("debug" if args.verbose else "warning")
+        return _browse(args)
     if args.command == "demo":
         _logging("debug" if args.verbose else "warning")
         from gateway.demo import demo
@@ -202,3 +259,41 @@ def _table_range(text: str) -> tuple[str, int, int]:
         return table, int(first), int(last or first)
     except ValueError:
         raise ValueError(f"--exception-range {text!r}: expected TABLE:FIRST-LAST, e.g. holding:0-9") from None
+
+
+def _browse(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from gateway.collectors.opcua.browse import browse, format_tags, format_tree
+    from gateway.collectors.opcua.settings import OpcUaSecurity
+    from gateway.errors import DeviceError
+
+    mode = args.mode or ("None" if args.policy == "None" else "SignAndEncrypt")
+    password = None
+    if args.user is not None and args.password_file is None:
+        password = os.environ.get("OPCUA_PASSWORD")
+        if password is None:
+            print("millwright: --user needs $OPCUA_PASSWORD or --password-file", file=sys.stderr)
+            return EXIT_CONFIG
+    # With a policy and no trust given yet, trust nothing: the refusal then prints the
+    # server's fingerprint and how to pin it, which is how a user learns it.
+    trusted = args.server_certificate or ("0" * 64 if args.policy != "None" else None)
+    try:
+        security = OpcUaSecurity.model_validate({
+            "policy": args.policy, "mode": mode, "server_certificate": trusted,
+            "username": args.user, "password": password, "password_file": args.password_file,
+        })  # fmt: skip
+    except ValidationError as exc:
+        for error in exc.errors():
+            print(f"millwright: {str(error['msg']).removeprefix('Value error, ')}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        rows = asyncio.run(browse(args.endpoint, security, args.pki, args.node, args.depth))
+    except DeviceError as exc:
+        print(f"millwright: {exc.reason}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a malformed --node
+        print(f"millwright: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(format_tags(rows) if args.config else format_tree(rows))
+    return 0

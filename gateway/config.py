@@ -17,12 +17,13 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
 from gateway.settings_types import Duration, Model, Segment, check_unique
 
-Device = Annotated[ModbusDevice, Field(discriminator="protocol")]
-DEVICE_PROTOCOLS = ("modbus",)
+Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
+DEVICE_PROTOCOLS = ("modbus", "opcua")
 
 
 class GatewaySettings(Model):
@@ -33,6 +34,11 @@ class GatewaySettings(Model):
     line: Segment = Field(description="ISA-95 line (work center).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log verbosity."
+    )
+    pki_dir: Path | None = Field(
+        default=None,
+        description="Where the OPC UA client certificate and key are kept (created on first run). "
+        "Default: pki/ beside the outbox file.",
     )
 
 
@@ -135,7 +141,11 @@ class Settings(Model):
         check_unique((d.name for d in self.devices), "device")
         return self
 
-    def asset(self, device: ModbusDevice) -> AssetPath:
+    @property
+    def pki_dir(self) -> Path:
+        return self.gateway.pki_dir or self.outbox.path.parent / "pki"
+
+    def asset(self, device: ModbusDevice | OpcUaDevice) -> AssetPath:
         g, o = self.gateway, device.asset
         return AssetPath(
             o.enterprise or g.enterprise, o.site or g.site, o.area or g.area, o.line or g.line, device.name
@@ -221,10 +231,42 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
         elif key == "password_file" and not path.read_text(encoding="utf-8").strip():
             problems.append(f"mqtt.{key}: the file is empty: {path}")
         found[key] = path
+    devices = [_resolve_device(d, i, base, problems) for i, d in enumerate(settings.devices)]
     if problems:
         raise ConfigError(file, problems)
     mqtt = settings.mqtt.model_copy(update=found)
-    return settings.model_copy(update={"outbox": outbox, "mqtt": mqtt})
+    gateway = settings.gateway
+    if gateway.pki_dir is not None:
+        gateway = gateway.model_copy(update={"pki_dir": base / gateway.pki_dir})
+    return settings.model_copy(
+        update={"outbox": outbox, "mqtt": mqtt, "gateway": gateway, "devices": devices}
+    )
+
+
+def _resolve_device(
+    device: ModbusDevice | OpcUaDevice, index: int, base: Path, problems: list[str]
+) -> ModbusDevice | OpcUaDevice:
+    """OPC UA files (password, trusted server certificate) relative to the config file."""
+    if not isinstance(device, OpcUaDevice):
+        return device
+    security = device.security
+    update: dict[str, Any] = {}
+    if security.password_file is not None:
+        path = base / security.password_file
+        if not path.is_file():
+            problems.append(f"devices[{index}].security.password_file: no such file: {path}")
+        update["password_file"] = path
+    trusted = security.server_certificate
+    if trusted is not None and as_fingerprint(trusted) is None:
+        path = base / trusted
+        if not path.exists():
+            problems.append(
+                f"devices[{index}].security.server_certificate: no such file or directory: {path}"
+            )
+        update["server_certificate"] = str(path)
+    if not update:
+        return device
+    return device.model_copy(update={"security": security.model_copy(update=update)})
 
 
 def _describe(err: Any) -> str:

@@ -19,13 +19,17 @@ from gateway import config
 from gateway.app import Gateway
 from gateway.broker import LocalBroker
 from simulators.modbus import ModbusSimulator
+from simulators.opcua import OpcUaSimulator
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
 
-def _settings(sim_port: int, broker_url: str, version: str, outbox: Path) -> config.Settings:
+def _settings(modbus_port: int, opcua: str, broker_url: str, version: str, outbox: Path) -> config.Settings:
     settings = config.load(DEMO_CONFIG)
-    devices = [d.model_copy(update={"port": sim_port}) for d in settings.devices]
+    devices = [
+        d.model_copy(update={"endpoint": opcua} if d.protocol == "opcua" else {"port": modbus_port})
+        for d in settings.devices
+    ]
     mqtt_settings = settings.mqtt.model_copy(update={"url": broker_url, "version": version})
     outbox_settings = settings.outbox.model_copy(update={"path": outbox})
     return settings.model_copy(update={"devices": devices, "mqtt": mqtt_settings, "outbox": outbox_settings})
@@ -75,14 +79,20 @@ async def demo(broker: str | None, duration: float | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     with tempfile.TemporaryDirectory(prefix="millwright-demo-") as tmp:
-        async with ModbusSimulator(port=0) as sim, contextlib.AsyncExitStack() as stack:
+        async with (
+            ModbusSimulator(port=0) as sim,
+            OpcUaSimulator(port=0, pki_dir=Path(tmp) / "simulator-pki") as opcua,
+            contextlib.AsyncExitStack() as stack,
+        ):
             if broker is None or broker == "embedded":
                 local = await stack.enter_async_context(LocalBroker(embedded=broker == "embedded"))
                 url, version, kind = local.url, local.version, f"private {local.kind} broker"
             else:
                 url, version, kind = broker, "5", "broker"
-            settings = _settings(sim.port, url, version, Path(tmp) / "outbox.db")
-            print(f"Modbus simulator on 127.0.0.1:{sim.port}, {kind} at {url}", file=sys.stderr)
+            settings = _settings(sim.port, opcua.endpoint, url, version, Path(tmp) / "outbox.db")
+            print(f"Modbus simulator on 127.0.0.1:{sim.port}", file=sys.stderr)
+            print(f"OPC UA simulator at {opcua.endpoint}", file=sys.stderr)
+            print(f"{kind} at {url}", file=sys.stderr)
             print(
                 f"Readings published under {settings.gateway.enterprise}/...; Ctrl-C stops.\n",
                 file=sys.stderr,

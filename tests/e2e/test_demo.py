@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  (press-[12])/\w+ +.+ (Good|Uncertain|Bad) +seq (\d+)$")
+LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}  (press-[12]|cnc-1)/\w+ +.+ (Good|Uncertain|Bad) +seq (\d+)$")
 
 
 @pytest.mark.parametrize("broker", [[], ["--broker", "embedded"]], ids=["mosquitto", "embedded"])
@@ -19,8 +19,8 @@ def test_demo_shows_readings_arriving_at_the_broker(broker: list[str]) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     shown = [m for line in result.stdout.splitlines() if (m := LINE.match(line))]
-    assert len(shown) >= 16, result.stdout  # both presses, several tags each, at least once
-    assert {m.group(1) for m in shown} == {"press-1", "press-2"}
+    assert len(shown) >= 16, result.stdout  # every device, several tags each, at least once
+    assert {m.group(1) for m in shown} == {"press-1", "press-2", "cnc-1"}  # Modbus and OPC UA
     assert all(m.group(2) == "Good" for m in shown), result.stdout
     seqs = [int(m.group(3)) for m in shown]
     assert seqs == list(range(1, len(seqs) + 1))  # every reading shown, in order, none missing

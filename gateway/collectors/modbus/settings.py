@@ -125,6 +125,11 @@ class ModbusDevice(Model):
     )
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
 
+    @property
+    def cycle(self) -> float:
+        """How often the poller calls read()."""
+        return self.poll
+
     @model_validator(mode="after")
     def _unique_and_disjoint(self) -> Self:
         check_unique((t.name for t in self.tags), "tag")

@@ -1,0 +1,1 @@
+"""OPC UA collector: settings, node ids, value conversion, security, the collector and browse."""
