@@ -40,7 +40,9 @@ def readings(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-async def test_secure_subscription_survives_a_server_restart_without_a_seq_gap(
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_secure_session_survives_a_server_restart_without_a_seq_gap(
+    mode: str,
     simulator: OpcUaSimulator,
     mosquitto: Mosquitto,
     subscriber: Subscribe,
@@ -55,8 +57,8 @@ async def test_secure_subscription_survives_a_server_restart_without_a_seq_gap(
         "outbox": {"path": str(tmp_path / "outbox.db")},
         "mqtt": {"url": mosquitto.url},
         "devices": [{
-            "name": "cnc-1", "protocol": "opcua", "endpoint": simulator.endpoint, "mode": "subscribe",
-            "publishing_interval": "200ms", "timeout": "1s",
+            "name": "cnc-1", "protocol": "opcua", "endpoint": simulator.endpoint, "mode": mode,
+            "publishing_interval": "200ms", "poll": "200ms", "timeout": "1s",
             "security": {"policy": "Basic256Sha256", "mode": "SignAndEncrypt",
                          "server_certificate": simulator.fingerprint, "username": simulator.USERNAME,
                          "password_file": str(tmp_path / "opcua-password")},
