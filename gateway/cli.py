@@ -291,6 +291,10 @@ def _browse(args: argparse.Namespace) -> int:
         rows = asyncio.run(browse(args.endpoint, security, args.pki, args.node, args.depth))
     except DeviceError as exc:
         print(f"millwright: {exc.reason}", file=sys.stderr)
+        if "not trusted" in exc.reason:
+            print(
+                "millwright: to browse it, pass --server-certificate with that fingerprint", file=sys.stderr
+            )
         return 1
     except ValueError as exc:  # a malformed --node
         print(f"millwright: {exc}", file=sys.stderr)

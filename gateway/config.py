@@ -225,7 +225,7 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
         value = getattr(settings.mqtt, key)
         if value is None:
             continue
-        path = base / value
+        path = base / Path(value).expanduser()
         if not path.is_file():
             problems.append(f"mqtt.{key}: no such file: {path}")
         elif key == "password_file" and not path.read_text(encoding="utf-8").strip():
@@ -252,13 +252,15 @@ def _resolve_device(
     security = device.security
     update: dict[str, Any] = {}
     if security.password_file is not None:
-        path = base / security.password_file
+        path = base / security.password_file.expanduser()
         if not path.is_file():
             problems.append(f"devices[{index}].security.password_file: no such file: {path}")
+        elif not path.read_text(encoding="utf-8").strip():
+            problems.append(f"devices[{index}].security.password_file: the file is empty: {path}")
         update["password_file"] = path
     trusted = security.server_certificate
     if trusted is not None and as_fingerprint(trusted) is None:
-        path = base / trusted
+        path = base / Path(trusted).expanduser()
         if not path.exists():
             problems.append(
                 f"devices[{index}].security.server_certificate: no such file or directory: {path}"

@@ -58,3 +58,12 @@ def check_unique(names: Iterable[str], what: str) -> None:
         if name in seen:
             raise ValueError(f"{what} name {name!r} is used twice")
         seen.add(name)
+
+
+class AssetOverride(Model):
+    """ISA-95 levels a device may set differently from the gateway's."""
+
+    enterprise: Segment | None = Field(default=None, description="Enterprise, instead of the gateway's.")
+    site: Segment | None = Field(default=None, description="Site, instead of the gateway's.")
+    area: Segment | None = Field(default=None, description="Area, instead of the gateway's.")
+    line: Segment | None = Field(default=None, description="Line, instead of the gateway's.")

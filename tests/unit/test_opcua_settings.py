@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from gateway import config
-from gateway.collectors.opcua.settings import OpcUaDevice, OpcUaTag, as_fingerprint
+from gateway.collectors.opcua.settings import OpcUaDevice, OpcUaSecurity, OpcUaTag, as_fingerprint
 from gateway.errors import ConfigError
 
 FP = "ab12" * 16
@@ -118,11 +118,18 @@ def test_invalid_device_names_the_key(path: str, value: object, where: str, mess
         (FP.upper(), FP),
         (":".join(FP[i : i + 2] for i in range(0, 64, 2)), FP),  # AB:12:... as shown by most tools
         ("pki/trusted", None),  # a path
+        ("cafe", None),  # hex-only, but not 64 digits: a folder named cafe
         ("/etc/millwright/server.der", None),
     ],
 )
 def test_server_certificate_is_a_fingerprint_or_a_path(text: str, expected: str | None) -> None:
     assert as_fingerprint(text) == expected
+
+
+def test_a_pin_without_a_security_policy_is_refused() -> None:
+    # Nothing checks the server with policy None: the pin would only look like protection.
+    with pytest.raises(ValidationError, match="server_certificate needs a security policy"):
+        OpcUaSecurity(policy="None", mode="None", server_certificate=FP)
 
 
 def test_tag_node_is_checked_alone() -> None:
@@ -139,7 +146,6 @@ def _config(device: dict[str, Any]) -> str:
     })  # fmt: skip
 
 
-@pytest.mark.skipif("opcua" not in config.DEVICE_PROTOCOLS, reason="config.py has no opcua yet")
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [

@@ -7,7 +7,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gateway.settings_types import Duration, Model, Segment, check_unique
+from gateway.settings_types import AssetOverride, Duration, Model, Segment, check_unique
 
 Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal[
@@ -93,15 +93,6 @@ class ModbusTag(Model):
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min is greater than max")
         return self
-
-
-class AssetOverride(Model):
-    """ISA-95 levels a device may set differently from the gateway's."""
-
-    enterprise: Segment | None = None
-    site: Segment | None = None
-    area: Segment | None = None
-    line: Segment | None = None
 
 
 class ModbusDevice(Model):

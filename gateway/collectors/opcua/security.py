@@ -220,6 +220,13 @@ async def open_client(
             mode=ua.MessageSecurityMode[security.mode],
         )  # fmt: skip
     if security.username is not None:
+        if not security.secure:
+            # asyncua encrypts the password with the certificate the server announced, which
+            # nothing verified without a policy: a man in the middle could read it.
+            log.warning(
+                "device %s: password sent without a security policy; use policy Basic256Sha256 "
+                "(or better) with server_certificate to protect it", name,
+            )  # fmt: skip
         client.set_user(security.username)
         client.set_password(security.secret() or "")
     await client.connect()

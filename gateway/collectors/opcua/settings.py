@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.collectors.modbus.settings import AssetOverride
 from gateway.collectors.opcua.nodeid import NodeRef, parse_node
-from gateway.settings_types import Duration, Model, Segment, check_unique
+from gateway.settings_types import AssetOverride, Duration, Model, Segment, check_unique
 
 Policy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -22,11 +21,15 @@ def as_fingerprint(text: str) -> str | None:
     digits = text.replace(":", "").replace(" ", "").lower()
     if not digits or any(c not in "0123456789abcdef" for c in digits):
         return None
-    if len(digits) != 64:
+    if len(digits) == 64:
+        return digits
+    if ":" in text:
+        # Colon-separated hex (as tools print fingerprints) of the wrong length: a fingerprint
+        # of another kind (MD5, SHA-1) or a typo, not a path.
         raise ValueError(
-            f"a {len(digits) / 2:g}-byte fingerprint: give the SHA-256 one (64 hex digits), or a path"
+            f"a {len(digits) // 2}-byte fingerprint: give the SHA-256 one (64 hex digits), or a path"
         )
-    return digits
+    return None  # other hex-only text (a folder named "cafe") is a path
 
 
 class OpcUaSecurity(Model):
@@ -58,6 +61,10 @@ class OpcUaSecurity(Model):
                 f"policy {self.policy} with mode {self.mode}: a policy needs mode Sign or SignAndEncrypt, "
                 "and policy None needs mode None"
             )
+        if self.policy == "None" and self.server_certificate:
+            # With no security policy nothing checks the server: a pin here would only look
+            # like protection.
+            raise ValueError("server_certificate needs a security policy: with policy None it is not checked")
         if self.policy != "None" and not self.server_certificate:
             raise ValueError(
                 f"policy {self.policy} needs server_certificate (a SHA-256 fingerprint or a certificate "
