@@ -100,6 +100,11 @@ class OpcUaSimulator:
         self._writes: set[asyncio.Task[None]] = set()
         self._frozen = False
 
+    @property
+    def connections(self) -> int:
+        """How many client connections (sockets) the server has open."""
+        return 0 if self._server is None else len(self._server.iserver.asyncio_transports)
+
     # --- lifecycle ---
 
     async def start(self) -> None:

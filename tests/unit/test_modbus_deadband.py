@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from gateway.collectors import Collector
-from gateway.collectors.modbus.collector import Deadband, ModbusCollector
+from gateway.collectors.deadband import Deadband
+from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.model import Quality, Reading, Status, Value
 

@@ -23,16 +23,18 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError
 
-from gateway.collectors.modbus.collector import Deadband
+from gateway.collectors.deadband import Deadband
+from gateway.collectors.opcua.buffer import Buffer
 from gateway.collectors.opcua.convert import reading, status_name
 from gateway.collectors.opcua.nodeid import NodeRef
 from gateway.collectors.opcua.security import open_client
@@ -41,11 +43,19 @@ from gateway.errors import DeviceTimeout, NotConnected
 from gateway.model import Reading, Status, bad
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UNKNOWN: int = Status.BAD_NODE_ID_UNKNOWN
 # Nodes that are missing (removed, or not there yet) are tried again at most this often:
 # every cycle would mean a request per publishing interval for a node that may never come.
 RETRY_EVERY = 1.0
+# Our cap on nodes per Read and monitored items per call, below whatever the server allows:
+# a server that advertises no limit (0) may still choke on one huge request.
+BATCH = 1000
+LIMITS = (
+    ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
+    ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+)
 # A server that cannot apply our absolute deadband to a node (a string, say, or no
 # deadband support at all): monitor it without one; our own Deadband still filters.
 FILTER_REFUSED = {
@@ -70,59 +80,26 @@ class _Tag:
         return self.config.name
 
 
-class Buffer:
-    """Readings from notifications, kept until `read()` drains them. Bounded: when full,
-    only the newest reading of each tag is kept; the others are counted as dropped."""
-
-    __slots__ = ("_device", "_drained_at", "_items", "_overflowing", "capacity", "dropped")
-
-    def __init__(self, device: str, capacity: int) -> None:
-        self._device = device
-        self.capacity = capacity
-        self._items: list[Reading] = []
-        self.dropped = 0
-        self._drained_at = 0  # `dropped` at the last drain
-        self._overflowing = False
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def append(self, r: Reading) -> None:
-        if len(self._items) >= self.capacity:
-            self._compact()
-        self._items.append(r)
-
-    def drain(self) -> list[Reading]:
-        items, self._items = self._items, []
-        if self._overflowing and self.dropped == self._drained_at:
-            self._overflowing = False  # nothing dropped since the last drain: the episode is over
-            log.info("device %s: collecting keeps up again (%d dropped in all)", self._device, self.dropped)
-        self._drained_at = self.dropped
-        return items
-
-    def _compact(self) -> None:
-        newest: dict[str, Reading] = {}
-        for r in self._items:
-            newest.pop(r.tag, None)  # re-insert, so the order follows the newest readings
-            newest[r.tag] = r
-        self.dropped += len(self._items) - len(newest)
-        self._items = list(newest.values())
-        if not self._overflowing:
-            self._overflowing = True
-            log.warning("device %s: notifications arrive faster than they are collected; keeping the "
-                        "newest value per tag (%d dropped so far)", self._device, self.dropped)  # fmt: skip
-
-
 class OpcUaCollector:
     """One OPC UA server. Implements `gateway.collectors.Collector`.
 
     A tag whose node does not exist (at connect, or removed later) is reported Bad with
-    BadNodeIdUnknown once, and tried again on later cycles (at most every RETRY_EVERY
-    seconds); the other tags keep flowing.
+    BadNodeIdUnknown once, and tried again on later cycles (at most every `retry_every`
+    seconds); the other tags keep flowing. Reads and monitored items are sent in batches
+    of at most `batch`, or fewer if the server's OperationLimits say so.
     """
 
-    def __init__(self, device: OpcUaDevice, pki_dir: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        device: OpcUaDevice,
+        pki_dir: Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        retry_every: float = RETRY_EVERY,
+    ) -> None:
         self.name = device.name
+        self.retry_every = retry_every
+        self.batch = BATCH
         self._device = device
         self._pki_dir = pki_dir
         self._clock = clock
@@ -131,7 +108,8 @@ class OpcUaCollector:
         self._deadband = Deadband({t.name: t.deadband for t in device.tags})
         self.buffer = Buffer(device.name, max(1024, 2 * sum(t.queue_size for t in device.tags)))
         self._client: Client | None = None
-        self._read: ua.ReadParameters | None = None  # poll mode: the prepared batched read
+        self._reads: list[ua.ReadParameters] | None = None  # poll mode: the prepared batched reads
+        self._per_read = self._per_call = 0  # the server's operation limits; 0: none
         self._subscription: int | None = None
         self._stale_after = math.inf
         self._last_publish = 0.0
@@ -153,6 +131,7 @@ class OpcUaCollector:
         try:
             with self._translate("connecting"):
                 self._client = await open_client(d.name, d.endpoint, d.security, self._pki_dir, d.timeout)
+                await self._read_limits()
                 await self._resolve(self._tags)
                 if self._subscribe:
                     await self._create_subscription()
@@ -163,7 +142,7 @@ class OpcUaCollector:
     async def close(self) -> None:
         """Close the session; safe to call when not connected."""
         client, self._client = self._client, None
-        self._read, self._subscription, self._lost = None, None, None
+        self._reads, self._subscription, self._lost = None, None, None
         self._vanished.clear()
         self._missing.clear()
         for tag in self._tags:
@@ -178,10 +157,17 @@ class OpcUaCollector:
             log.debug("device %s: closing the session: %r", self.name, exc)
         finally:
             client.disconnect_socket()
+            # When asyncua's watchdog gave up on a stalled connection it marked the client
+            # DISCONNECTED without closing the socket, and disconnect_socket() then returns
+            # early (asyncua 2.1.0; worth reporting upstream): close it here, or every stall
+            # leaks a socket to the server. `protocol` is asyncua-internal.
+            protocol = client.uaclient.protocol
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.close()  # a no-op when already closing
 
     async def read(self) -> list[Reading]:
-        """Subscribe mode: the readings notified since the last call. Poll mode: one batched
-        read of every tag. Deadband applied. Raises NotConnected or DeviceTimeout."""
+        """Subscribe mode: the readings notified since the last call. Poll mode: every
+        tag, read in batches. Deadband applied. Raises NotConnected or DeviceTimeout."""
         client = self._connected()
         with self._translate("reading"):
             if self._subscribe:
@@ -193,10 +179,13 @@ class OpcUaCollector:
         return [r for r in readings if admit(r)]
 
     def unavailable(self, status: int, now: float) -> list[Reading]:
-        """Bad readings with `status` for every tag not already reported Bad with it."""
-        admit = self._deadband.admit_state
+        """Bad readings with `status` for every tag not already reported Bad with it,
+        preceded by the notifications still buffered (deadband applied): they are older,
+        and delivering them after a reconnect would put a Good reading after the Bad one."""
+        admit, admit_state = self._deadband.admit, self._deadband.admit_state
+        buffered = [r for r in self.buffer.drain() if admit(r)]
         readings = (bad(self.name, t.name, status, now, t.config.unit) for t in self._tags)
-        return [r for r in readings if admit(r)]
+        return buffered + [r for r in readings if admit_state(r)]
 
     def describe(self) -> dict[str, Any]:
         """Metadata for the retained `_meta` message. The endpoint (plant network topology)
@@ -232,6 +221,18 @@ class OpcUaCollector:
         except (OSError, UaError) as exc:
             raise NotConnected(self.name, f"{doing}: {_reason(exc)}") from exc
 
+    async def _read_limits(self) -> None:
+        """The server's MaxNodesPerRead and MaxMonitoredItemsPerCall. Requests above them
+        fail as a whole (BadTooManyOperations), which would look like a lost connection."""
+        assert self._client is not None
+        nodes = [ua.ReadValueId(ua.NodeId(ua.Int32(i)), AttributeIds.Value) for i in LIMITS]
+        neither = ua.TimestampsToReturn.Neither
+        params = ua.ReadParameters(MaxAge=0, TimestampsToReturn=neither, NodesToRead=nodes)
+        self._per_read, self._per_call = (_limit(v) for v in await self._client.uaclient.read(params))
+
+    def _batch(self, limit: int) -> int:
+        return min(limit, self.batch) if limit > 0 else self.batch
+
     async def _resolve(self, tags: Iterable[_Tag]) -> None:
         """Map node refs to NodeIds. Namespace URIs are looked up in the server's table on
         every connect, since servers renumber namespaces across restarts."""
@@ -244,20 +245,22 @@ class OpcUaCollector:
             ns = tag.ref.namespace
             index = ns if isinstance(ns, int) else (table.index(ns) if ns in table else None)
             tag.node = None if index is None else _node_id(tag.ref, index)
-        self._read = None  # rebuilt with the new NodeIds
+        self._reads = None  # rebuilt with the new NodeIds
 
     # -- poll mode ----------------------------------------------------------------------
 
     async def _poll(self, client: Client) -> list[Reading]:
         if any(t.node is None for t in self._tags) and self._retry_due():
             await self._resolve(t for t in self._tags if t.node is None)
-        if self._read is None:
-            self._read = ua.ReadParameters(
-                MaxAge=0,
-                TimestampsToReturn=ua.TimestampsToReturn.Both,
-                NodesToRead=[ua.ReadValueId(t.node, AttributeIds.Value) for t in self._tags if t.node],
-            )
-        values = await client.uaclient.read(self._read) if self._read.NodesToRead else []
+        if self._reads is None:
+            nodes = [ua.ReadValueId(t.node, AttributeIds.Value) for t in self._tags if t.node]
+            self._reads = [
+                ua.ReadParameters(MaxAge=0, TimestampsToReturn=ua.TimestampsToReturn.Both, NodesToRead=batch)
+                for batch in _chunks(nodes, self._batch(self._per_read))
+            ]
+        values: list[ua.DataValue] = []
+        for params in self._reads:
+            values += await client.uaclient.read(params)
         now = self._clock()
         readings: list[Reading] = []
         results = iter(values)
@@ -338,8 +341,8 @@ class OpcUaCollector:
             self._missing[tag.handle] = UNKNOWN  # already reported by the notification
             log.warning("device %s: the node of tag %s (%s) is gone; trying again",
                         self.name, tag.name, tag.config.node)  # fmt: skip
-        if ids:
-            params = ua.DeleteMonitoredItemsParameters(self._subscription, ids)
+        for batch in _chunks(ids, self._batch(self._per_call)):
+            params = ua.DeleteMonitoredItemsParameters(self._subscription, batch)
             await client.uaclient.delete_monitored_items(params)  # results: gone either way
 
     async def _monitor(self, tags: list[_Tag]) -> None:
@@ -352,12 +355,12 @@ class OpcUaCollector:
                 self._report_missing(tag, UNKNOWN, now)
         todo = [t for t in tags if t.node is not None]
         retry: list[_Tag] = []
-        if todo:
+        for batch in _chunks(todo, self._batch(self._per_call)):
             params = ua.CreateMonitoredItemsParameters(
-                self._subscription, ua.TimestampsToReturn.Both, [self._item(t) for t in todo]
+                self._subscription, ua.TimestampsToReturn.Both, [self._item(t) for t in batch]
             )
             results = await self._client.uaclient.create_monitored_items(params)
-            for tag, result in zip(todo, results, strict=True):
+            for tag, result in zip(batch, results, strict=True):
                 code = result.StatusCode.value
                 if code in FILTER_REFUSED and tag.filtered:
                     tag.filtered = False
@@ -375,7 +378,7 @@ class OpcUaCollector:
         now = time.monotonic()
         if now < self._retry_at:
             return False
-        self._retry_at = now + RETRY_EVERY
+        self._retry_at = now + self.retry_every
         return True
 
     def _report_missing(self, tag: _Tag, status: int, now: float) -> None:
@@ -404,6 +407,18 @@ class OpcUaCollector:
 def _node_id(ref: NodeRef, index: int) -> ua.NodeId:
     # asyncua annotates its fields with NewTypes (Int16, String, ...) of the plain values.
     return ua.NodeId(cast(Any, ref.identifier), ua.Int16(index))
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _limit(value: ua.DataValue) -> int:
+    """An operation limit as read: 0 (no limit) when the server does not say."""
+    good = value.StatusCode is None or value.StatusCode.is_good()  # absent means Good
+    number = value.Value.Value if good and value.Value is not None else None
+    return number if isinstance(number, int) and number > 0 else 0
 
 
 def _reason(exc: BaseException) -> str:
