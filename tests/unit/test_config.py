@@ -76,7 +76,12 @@ def test_issue_example_config_is_valid() -> None:
 
 @pytest.mark.parametrize("file", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_passes_check(file: Path) -> None:
-    env = {"MQTT_USERNAME": "gateway", "MQTT_PASSWORD": "secret", "PATH": "/usr/bin:/bin"}
+    env = {
+        "MQTT_USERNAME": "gateway",
+        "MQTT_PASSWORD": "secret",
+        "OPCUA_PASSWORD": "secret",
+        "PATH": "/usr/bin:/bin",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "check", str(file)],
         capture_output=True,
