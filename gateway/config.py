@@ -20,7 +20,7 @@ from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
-from gateway.settings_types import Duration, Model, Segment, check_unique
+from gateway.settings_types import Duration, Model, Segment, check_unique, check_url
 
 Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
 DEVICE_PROTOCOLS = ("modbus", "opcua")
@@ -88,19 +88,8 @@ class MqttSettings(Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError("scheme must be mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ValueError("the URL has no host")
-        if parts.username is not None or parts.password is not None:
-            # Credentials in a URL end up in logs and process listings.
-            raise ValueError("put credentials in username and password (or password_file), not in the URL")
-        try:
-            parts.port  # noqa: B018  (parsing the port is the check)
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
-        return value
+        schemes = ("mqtt", "mqtts", "tcp", "ssl")
+        return check_url(value, schemes, "scheme must be mqtt:// or mqtts://", "username and password")
 
     @model_validator(mode="after")
     def _credentials(self) -> Self:

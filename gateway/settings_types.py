@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
@@ -49,6 +50,23 @@ class Model(BaseModel):
     """Every config model: unknown keys are errors, values are immutable once loaded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_url(value: str, schemes: tuple[str, ...], bad_scheme: str, credentials: str) -> str:
+    """A URL with one of `schemes`, a host, a valid port and no credentials in it."""
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ValueError(bad_scheme)
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        # Credentials in a URL end up in logs and process listings.
+        raise ValueError(f"put credentials in {credentials}, not in the URL")
+    try:
+        parts.port  # noqa: B018  (parsing the port is the check)
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    return value
 
 
 def check_unique(names: Iterable[str], what: str) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from gateway.collectors.opcua.nodeid import NodeRef, parse_node
-from gateway.settings_types import AssetOverride, Duration, Model, Segment, check_unique
+from gateway.settings_types import AssetOverride, Duration, Model, Segment, check_unique, check_url
 
 Policy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -154,19 +153,9 @@ class OpcUaDevice(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme != "opc.tcp":
-            raise ValueError("the endpoint must start with opc.tcp://")
-        if not parts.hostname:
-            raise ValueError("the endpoint has no host")
-        if parts.username is not None or parts.password is not None:
-            # Credentials in a URL end up in logs and process listings.
-            raise ValueError("put credentials in security.username and password, not in the URL")
-        try:
-            parts.port  # noqa: B018  (parsing the port is the check)
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from None
-        return value
+        return check_url(
+            value, ("opc.tcp",), "the endpoint must start with opc.tcp://", "security.username and password"
+        )
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
