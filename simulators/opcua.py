@@ -208,6 +208,21 @@ class OpcUaSimulator:
             await self._add_variable(self._server, self._vars[nodeid])
             await self._write(nodeid, now())
 
+    async def drop_subscriptions(self) -> None:
+        """Silently forget every subscription; connections and sessions stay up, so clients
+        get no more notifications or keep-alives (a server that lost them, e.g. on failover).
+
+        The publish requests the clients have queued stay unanswered (no StatusChange, no
+        BadNoSubscription) until the session closes; the subscription ids become invalid.
+        """
+        if self._server is None:
+            return
+        service = self._server.iserver.subscription_service
+        dropped = list(service.subscriptions.values())
+        service.subscriptions.clear()
+        # stop() cancels and awaits the publish loop and detaches the monitored items.
+        await asyncio.gather(*(sub.stop() for sub in dropped))
+
     def freeze(self) -> None:
         """Stop answering on the open connections and stop updating values; sockets stay open.
 

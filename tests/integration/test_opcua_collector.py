@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import stat
 import time
@@ -317,6 +318,29 @@ async def test_stalled_connection_is_closed(sim: OpcUaSimulator, make_collector:
     while sim.connections:
         assert time.monotonic() < deadline, "the stalled connection's socket was left open"
         await asyncio.sleep(0.05)
+
+
+async def test_lost_subscription_raises_not_connected_then_resubscribes(
+    sim: OpcUaSimulator, make_collector: MakeCollector
+) -> None:
+    """The server forgets the subscription but keeps the connection and session: no
+    StatusChangeNotification, no error, only silence. read() notices once the subscription's
+    lifetime has passed without a notification or keep-alive."""
+    d = device(sim, timeout="1s")
+    collector = await make_collector(d)
+    await collect(collector, lambda seen: set(seen) == NAMES)
+    await sim.drop_subscriptions()
+    # A keep-alive at least every `timeout`, the lifetime 3 of them: 3 s here.
+    lifetime = 3 * math.ceil(d.timeout / d.publishing_interval) * d.publishing_interval
+    with pytest.raises(NotConnected, match="no notification or keep-alive"):
+        await read_until_error(collector, 2 * lifetime + 5)  # slack for a loaded CI machine
+    assert sim.connections == 1  # the connection is still up: only the silence told
+    await collector.close()
+    resubscribed = time.time()
+    await collector.connect()  # the new subscription's first notification may come before it returns
+    values = await collect(collector, lambda seen: set(seen) == NAMES)
+    check_values(values, resubscribed)
+    assert all(r.read_time >= resubscribed for r in values.values())
 
 
 @pytest.mark.parametrize("mode", ["subscribe", "poll"])
