@@ -20,7 +20,7 @@ from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
-from gateway.settings_types import Duration, Model, Segment, check_unique, check_url
+from gateway.settings_types import Duration, Model, Segment, check_unique, check_url, read_secret
 
 Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
 DEVICE_PROTOCOLS = ("modbus", "opcua")
@@ -113,10 +113,7 @@ class MqttSettings(Model):
 
     def secret(self) -> str | None:
         """The password, read from password_file when one is given."""
-        if self.password_file is not None:
-            lines = self.password_file.read_text(encoding="utf-8").splitlines()
-            return lines[0] if lines else ""
-        return self.password
+        return read_secret(self.password, self.password_file)
 
 
 class Settings(Model):
@@ -214,12 +211,7 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
         value = getattr(settings.mqtt, key)
         if value is None:
             continue
-        path = base / Path(value).expanduser()
-        if not path.is_file():
-            problems.append(f"mqtt.{key}: no such file: {path}")
-        elif key == "password_file" and not path.read_text(encoding="utf-8").strip():
-            problems.append(f"mqtt.{key}: the file is empty: {path}")
-        found[key] = path
+        found[key] = _file(base, value, f"mqtt.{key}", problems, secret=key == "password_file")
     devices = [_resolve_device(d, i, base, problems) for i, d in enumerate(settings.devices)]
     if problems:
         raise ConfigError(file, problems)
@@ -232,6 +224,17 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
     )
 
 
+def _file(base: Path, value: Path, where: str, problems: list[str], *, secret: bool) -> Path:
+    """`value` relative to the config file's folder; a problem noted if it is missing, or
+    (for a secret) empty."""
+    path = base / value.expanduser()
+    if not path.is_file():
+        problems.append(f"{where}: no such file: {path}")
+    elif secret and not path.read_text(encoding="utf-8").strip():
+        problems.append(f"{where}: the file is empty: {path}")
+    return path
+
+
 def _resolve_device(
     device: ModbusDevice | OpcUaDevice, index: int, base: Path, problems: list[str]
 ) -> ModbusDevice | OpcUaDevice:
@@ -241,12 +244,8 @@ def _resolve_device(
     security = device.security
     update: dict[str, Any] = {}
     if security.password_file is not None:
-        path = base / security.password_file.expanduser()
-        if not path.is_file():
-            problems.append(f"devices[{index}].security.password_file: no such file: {path}")
-        elif not path.read_text(encoding="utf-8").strip():
-            problems.append(f"devices[{index}].security.password_file: the file is empty: {path}")
-        update["password_file"] = path
+        where = f"devices[{index}].security.password_file"
+        update["password_file"] = _file(base, security.password_file, where, problems, secret=True)
     trusted = security.server_certificate
     if trusted is not None and as_fingerprint(trusted) is None:
         path = base / Path(trusted).expanduser()

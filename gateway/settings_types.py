@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -67,6 +68,14 @@ def check_url(value: str, schemes: tuple[str, ...], bad_scheme: str, credentials
     except ValueError as exc:
         raise ValueError(f"bad port: {exc}") from None
     return value
+
+
+def read_secret(password: str | None, password_file: Path | None) -> str | None:
+    """The password: the first line of `password_file` when one is given, else `password`."""
+    if password_file is not None:
+        lines = password_file.read_text(encoding="utf-8").splitlines()
+        return lines[0] if lines else ""
+    return password
 
 
 def check_unique(names: Iterable[str], what: str) -> None:

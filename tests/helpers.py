@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.broker import find_mosquitto, free_port
+
 # Threads that may outlive the test that started them (a session-scoped simulator, say):
 # register them with `allow_long_lived`, and the thread-leak check ignores them.
 _long_lived: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -41,19 +42,8 @@ def is_long_lived(thread: threading.Thread) -> bool:
     return thread in _long_lived
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def mosquitto_binary() -> str | None:
-    found = shutil.which("mosquitto")
-    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
-        found = "/usr/sbin/mosquitto"
-    return found
+# The demo finds and places its broker the same way the tests do.
+mosquitto_binary = find_mosquitto
 
 
 def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:

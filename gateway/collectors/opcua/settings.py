@@ -8,7 +8,15 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from gateway.collectors.opcua.nodeid import NodeRef, parse_node
-from gateway.settings_types import AssetOverride, Duration, Model, Segment, check_unique, check_url
+from gateway.settings_types import (
+    AssetOverride,
+    Duration,
+    Model,
+    Segment,
+    check_unique,
+    check_url,
+    read_secret,
+)
 
 Policy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -84,10 +92,7 @@ class OpcUaSecurity(Model):
 
     def secret(self) -> str | None:
         """The password, read from password_file when one is given."""
-        if self.password_file is not None:
-            lines = self.password_file.read_text(encoding="utf-8").splitlines()
-            return lines[0] if lines else ""
-        return self.password
+        return read_secret(self.password, self.password_file)
 
 
 class OpcUaTag(Model):
