@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint mosquitto venv-tools clean
+.PHONY: demo test lint test-tools proto venv-tools clean
 
 $(BIN)/.installed: pyproject.toml | venv-tools
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,21 @@ $(BIN)/.installed: pyproject.toml | venv-tools
 demo: $(BIN)/.installed
 	$(BIN)/millwright demo
 
-# mosquitto is the real broker the tests start on free ports (and openssl makes their TLS
-# certificates). Installed with apt-get when missing and we are root; otherwise say how.
-mosquitto:
-	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v openssl >/dev/null; then \
-	  $(call apt_install,mosquitto mosquitto-clients openssl); \
+# test-tools: mosquitto is the real broker the tests start on free ports (openssl makes their TLS
+# certificates, protoc cross-checks the Sparkplug encoding). Installed with apt-get when
+# missing and we are root; otherwise say how.
+test-tools:
+	@missing=""; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	if [ -n "$$missing" ]; then \
+	  $(call apt_install,$$missing); \
 	fi
+
+# Regenerate the Sparkplug B payload code after editing its schema (needs protoc).
+proto:
+	cd gateway/publishers/sparkplug && protoc --python_out=. --pyi_out=. sparkplug_b.proto
 
 # Debian's python3 has no venv module until python3-venv is installed.
 venv-tools:
@@ -40,7 +49,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(BIN)/.installed mosquitto lint
+test: $(BIN)/.installed test-tools lint
 	$(BIN)/pytest -q
 
 clean:

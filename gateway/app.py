@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,13 @@ from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.collector import OpcUaCollector
 from gateway.collectors.opcua.settings import OpcUaDevice
-from gateway.config import Settings
+from gateway.config import Device, Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import AssetPath
 from gateway.outbox import Outbox
-from gateway.poller import poll
+from gateway.poller import Sink, poll
 from gateway.publishers.mqtt import MqttConnection
+from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode, metric_types
 from gateway.publishers.uns import connect_uns
 
 log = logging.getLogger(__name__)
@@ -90,16 +93,13 @@ class Gateway:
             s.outbox.path, max_rows=s.outbox.max_rows, max_bytes=s.outbox.max_bytes, policy=s.outbox.policy
         )
         collectors = [(device, make_collector(device, s.pki_dir)) for device in s.devices]
-        described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
-            device.name: (s.asset(device), collector.describe()) for device, collector in collectors
-        }
-        connection, publisher = connect_uns(s.mqtt, s.gateway, described)
         try:
+            out = _output(s, outbox, collectors)
             async with asyncio.TaskGroup() as tasks:
-                link = tasks.create_task(connection.run(), name="mqtt")
-                fwd = tasks.create_task(forward(outbox, publisher, connection, s.mqtt.batch), name="forward")
+                link = tasks.create_task(out.connection.run(), name="mqtt")
+                fwd = tasks.create_task(out.forward, name="forward")
                 pollers = [
-                    tasks.create_task(poll(c, d.cycle, outbox.append), name=f"poll {d.name}")
+                    tasks.create_task(poll(c, d.cycle, out.sink, on_down=out.on_down), name=f"poll {d.name}")
                     for d, c in collectors
                 ]
                 log.info(
@@ -110,13 +110,56 @@ class Gateway:
                 # Collectors first, so every reading they made is committed before we leave.
                 await cancel(pollers)
                 await cancel([fwd])
-                await publisher.close()
+                await out.close()
                 await cancel([link])
         finally:
             for _, collector in collectors:
                 await collector.close()
             await outbox.close()
         log.info("gateway %s stopped", s.gateway.id)
+
+
+@dataclass(slots=True)
+class _Output:
+    """The MQTT side of one configuration: UNS JSON or a Sparkplug B edge node."""
+
+    connection: MqttConnection
+    forward: Coroutine[Any, Any, None]  # moves the outbox to the broker, forever
+    close: Callable[[], Awaitable[None]]  # says offline (or NDEATH) and disconnects
+    sink: Sink  # where the pollers put their readings
+    on_down: Callable[[str], None] | None  # told when a device stops answering
+
+
+def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collector]]) -> _Output:
+    if s.mqtt.sparkplug is not None:
+        node = sparkplug_node(s, outbox)
+        return _Output(node.connection, node.run(), node.close, node.append, node.device_down)
+    described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
+        device.name: (s.asset(device), collector.describe()) for device, collector in collectors
+    }
+    connection, publisher = connect_uns(s.mqtt, s.gateway, described)
+    fwd = forward(outbox, publisher, connection, s.mqtt.batch)
+    return _Output(connection, fwd, publisher.close, outbox.append, None)
+
+
+def sparkplug_node(settings: Settings, outbox: Outbox) -> SparkplugNode:
+    """The Sparkplug B edge node of this configuration; its bdSeq is kept beside the outbox."""
+    s = settings
+    assert s.mqtt.sparkplug is not None
+    return SparkplugNode(
+        s.mqtt,
+        s.mqtt.sparkplug,
+        outbox,
+        edge_node_id=s.edge_node_id,
+        devices={device.name: metric_types(device) for device in s.devices},
+        bdseq=BdSeqFile(bdseq_path(s)),
+        client_id=s.mqtt.client_id or f"millwright-{s.gateway.id}",
+    )
+
+
+def bdseq_path(settings: Settings) -> Path:
+    path = settings.outbox.path
+    return path.with_name(f"{path.name}.bdseq")
 
 
 async def run(settings: Settings) -> None:

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway import __version__, config
 from gateway.errors import ConfigError, OutboxError
@@ -25,7 +26,8 @@ log = logging.getLogger("gateway")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="millwright",
-        description="Industrial edge gateway: Modbus (and soon OPC UA) to MQTT, with a durable local buffer.",
+        description="Industrial edge gateway: Modbus and OPC UA to MQTT (UNS JSON or Sparkplug B), "
+        "with a durable local buffer.",
     )
     p.add_argument("--version", action="version", version=f"millwright {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (overrides the config)")
@@ -44,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     stats = osub.add_parser("stats", help="print depth, oldest age and drops of an outbox file")
     stats.add_argument("file", type=Path, help="the outbox SQLite file (outbox.path in the config)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    _sparkplug_parser(sub)
 
     sim = sub.add_parser("simulate", help="run a bundled device simulator")
     ssub = sim.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
@@ -130,6 +134,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sparkplug_parser(sub: Any) -> None:
+    sparkplug = sub.add_parser("sparkplug", help="Sparkplug B tools")
+    spsub = sparkplug.add_subparsers(dest="sparkplug_command", required=True, metavar="ACTION")
+    decode = spsub.add_parser(
+        "decode",
+        help="decode captured Sparkplug B payloads to JSON",
+        description="Decode Sparkplug B payloads to JSON: raw payload files (one payload each; "
+        "'-' or none: standard input), or with --hex lines of 'TOPIC HEX' as printed by "
+        "mosquitto_sub -v -t 'spBv1.0/#' -F '%%t %%x'. Datatypes announced by births in the same "
+        "input are used to decode later DATA messages (names for aliases, signed values).",
+    )
+    decode.add_argument("file", nargs="*", type=Path, help="raw payload file(s); default: standard input")
+    decode.add_argument("--hex", action="store_true", help="input is text lines: [TOPIC ]HEX")
+    decode.add_argument(
+        "--topic", default=None, help="the topic the raw payloads came from (e.g. its NBIRTH)"
+    )
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -154,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `millwright sparkplug decode ... | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
+        return 141
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -171,6 +196,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         asyncio.run(run(settings))
         return 0
+    if args.command == "sparkplug":
+        return _sparkplug_decode(args.file, hex_lines=args.hex, topic=args.topic)
     if args.command == "simulate":
         _logging("debug" if args.verbose else "info")
         if args.protocol == "opcua":
@@ -226,6 +253,43 @@ def _outbox_stats(file: Path, *, as_json: bool) -> int:
     print(f"last seq:    {stats.last_seq}")
     print(f"size:        {stats.bytes} bytes")
     return 0
+
+
+def _sparkplug_decode(files: list[Path], *, hex_lines: bool, topic: str | None) -> int:
+    """One JSON document per payload on stdout; undecodable input is reported on stderr
+    (exit 1) and the rest still decoded."""
+    from gateway.publishers.sparkplug.payload import Decoder
+
+    decoder = Decoder()
+    failed = False
+    sources = files or [Path("-")]
+    for source in sources:
+        name = "standard input" if str(source) == "-" else str(source)
+        try:
+            data = sys.stdin.buffer.read() if str(source) == "-" else source.read_bytes()
+        except OSError as exc:
+            print(f"millwright: {name}: {exc.strerror or exc}", file=sys.stderr)
+            failed = True
+            continue
+        if not hex_lines:
+            try:
+                print(json.dumps(decoder.decode(data, topic), indent=2, ensure_ascii=False))
+            except ValueError as exc:
+                print(f"millwright: {name}: {exc}", file=sys.stderr)
+                failed = True
+            continue
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            where, _, text = line.strip().rpartition(" ")
+            try:
+                doc = decoder.decode(bytes.fromhex(text), where or topic)
+            except ValueError as exc:
+                print(f"millwright: {name} line {number}: {exc}", file=sys.stderr)
+                failed = True
+                continue
+            print(json.dumps(doc, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
 
 
 def _simulate(args: argparse.Namespace) -> int:

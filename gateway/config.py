@@ -57,12 +57,33 @@ class OutboxSettings(Model):
     )
 
 
+class SparkplugSettings(Model):
+    group_id: Segment = Field(description="Sparkplug group id: the first level of the node's topics.")
+    edge_node_id: Segment | None = Field(
+        default=None, description="Sparkplug edge node id, unique within the group. Default: the gateway id."
+    )
+    primary_host_id: Segment | None = Field(
+        default=None,
+        description="Wait for this host application's STATE online before publishing births, and "
+        "disconnect (NDEATH) when it goes offline; readings wait in the outbox meanwhile.",
+    )
+    aliases: bool = Field(
+        default=False,
+        description="Give each device metric a numeric alias in its DBIRTH and send only the alias in DDATA.",
+    )
+
+
 class MqttSettings(Model):
     url: str = Field(
         description="mqtt://host:port, or mqtts://host:port for TLS (default ports 1883 / 8883)."
     )
-    format: Literal["uns"] = Field(
-        default="uns", description="uns: one JSON message per tag on an ISA-95 topic."
+    format: Literal["uns", "sparkplug"] = Field(
+        default="uns",
+        description="uns: one JSON message per tag on an ISA-95 topic; sparkplug: a Sparkplug B "
+        "edge node (settings under sparkplug:).",
+    )
+    sparkplug: SparkplugSettings | None = Field(
+        default=None, description="Sparkplug B edge node settings; required with format: sparkplug."
     )
     version: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
     client_id: str | None = Field(default=None, description="Default: millwright-<gateway id>.")
@@ -97,6 +118,10 @@ class MqttSettings(Model):
             raise ValueError("give password or password_file, not both")
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together")
+        if self.format == "sparkplug" and self.sparkplug is None:
+            raise ValueError("format sparkplug needs a sparkplug: section with at least group_id")
+        if self.format != "sparkplug" and self.sparkplug is not None:
+            raise ValueError("a sparkplug: section needs format: sparkplug")
         return self
 
     @property
@@ -125,7 +150,18 @@ class Settings(Model):
     @model_validator(mode="after")
     def _unique_devices(self) -> Self:
         check_unique((d.name for d in self.devices), "device")
+        if self.mqtt.format == "sparkplug":
+            # Sparkplug ids and metric names should not differ only in case: some hosts
+            # fold case, and two devices (or tags) would then become one.
+            check_unique((d.name.lower() for d in self.devices), "device (ignoring case)")
+            for device in self.devices:
+                check_unique((t.name.lower() for t in device.tags), f"{device.name}: tag (ignoring case)")
         return self
+
+    @property
+    def edge_node_id(self) -> str:
+        sparkplug = self.mqtt.sparkplug
+        return (sparkplug.edge_node_id if sparkplug else None) or self.gateway.id
 
     @property
     def pki_dir(self) -> Path:

@@ -7,6 +7,10 @@ broker has confirmed, or releases them to be leased again. A reading is safe fro
 Delivery is at-least-once: leases live in memory only, so after a restart every unacked row
 is leased again. `seq` is an AUTOINCREMENT row id, never reused, not even after every row was
 deleted, so a consumer can detect gaps and duplicates.
+
+For a Sparkplug replay the consumer can split the rows in two lanes (`begin_replay`): the
+rows committed so far (history) and those committed later (live), leased separately so that
+a long backlog does not hold up live values.
 """
 
 from __future__ import annotations
@@ -68,10 +72,9 @@ _INSERT = (
     "INSERT INTO reading (device, tag, value, quality, status, source_time, read_time, unit)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_LEASE = (
-    "SELECT seq, device, tag, value, quality, status, source_time, read_time, unit"
-    " FROM reading WHERE seq > ? ORDER BY seq LIMIT ?"
-)
+_COLUMNS = "SELECT seq, device, tag, value, quality, status, source_time, read_time, unit FROM reading"
+_LEASE = f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?"
+_LEASE_UPTO = f"{_COLUMNS} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
 _ACK = "DELETE FROM reading WHERE seq BETWEEN ? AND ?"
 _DROP_OLDEST = "DELETE FROM reading WHERE seq IN (SELECT seq FROM reading ORDER BY seq LIMIT ?)"
 _ADD_DROPPED = "UPDATE meta SET value = value + ? WHERE key = 'dropped'"
@@ -130,6 +133,9 @@ class Outbox:
         self._lock = asyncio.Lock()
         # Lease bookkeeping: every row up to this seq has been handed to the consumer.
         self._cursor = 0
+        # During a replay (see begin_replay): the last history row, and the live lane's cursor.
+        self._split: int | None = None
+        self._live_cursor = 0
         self._ready = asyncio.Event()  # set while there may be unleased rows
         if self._count:
             self._ready.set()
@@ -257,13 +263,50 @@ class Outbox:
             self._row_bytes = used / count
         return used
 
-    async def lease(self, n: int) -> Batch:
-        """The oldest `n` rows not currently leased, in seq order; may be empty. One consumer."""
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest committed row (0 before the first)."""
+        return self._last_seq
+
+    @property
+    def replaying(self) -> bool:
+        """Whether a replay's history lane still has rows to lease."""
+        return self._split is not None
+
+    def begin_replay(self) -> int:
+        """Split the rows in two lanes and return the boundary seq: rows committed until now
+        (and not yet leased) are history, leased by `lease(n)`; later rows are live, leased
+        by `lease(n, live=True)`. When the history lane runs dry the lanes merge back into
+        one FIFO. A replay begun during another extends the history lane to now.
+
+        Call it with no batch leased (between batches): a leased batch that is released
+        afterwards is leased again in whichever lane its rows fall."""
+        boundary = self._last_seq
+        # With no batch leased, every live row up to the live cursor has been acked (deleted):
+        # extending the history lane over them leases nothing twice.
+        if self._cursor < boundary:
+            self._split = self._live_cursor = boundary
+        else:
+            self._split = None
+        return boundary
+
+    async def lease(self, n: int, *, live: bool = False) -> Batch:
+        """The oldest `n` rows not currently leased, in seq order; may be empty. One consumer.
+
+        During a replay, the oldest of the history lane, or with `live=True` of the live
+        lane; otherwise `live` makes no difference."""
         if n < 1:
             raise ValueError("lease at least one row")  # SQLite reads LIMIT -1 as "no limit"
         async with self._lock:
+            split = self._split
+            live_lane = split is not None and live
             try:
-                rows = await self._db.execute_fetchall(_LEASE, (self._cursor, n))
+                if split is None:
+                    rows = await self._db.execute_fetchall(_LEASE, (self._cursor, n))
+                elif live_lane:
+                    rows = await self._db.execute_fetchall(_LEASE, (self._live_cursor, n))
+                else:
+                    rows = await self._db.execute_fetchall(_LEASE_UPTO, (self._cursor, split, n))
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot lease: {exc}") from exc
             entries = [
@@ -271,9 +314,17 @@ class Outbox:
                                    _QUALITIES[quality], status, source_time, read_time, unit))
                 for seq, device, tag, value, quality, status, source_time, read_time, unit in rows
             ]  # fmt: skip
+            if live_lane:
+                if entries:
+                    self._live_cursor = entries[-1].seq
+                return Batch(entries)
             if entries:
                 self._cursor = entries[-1].seq
-            if len(entries) < n or self._cursor >= self._last_seq:
+            if split is not None and len(entries) < n:
+                # History is all leased: one FIFO again, continuing after the live lane.
+                self._split = None
+                self._cursor = max(self._cursor, self._live_cursor)
+            if self._split is None and (len(entries) < n or self._cursor >= self._last_seq):
                 self._ready.clear()
             return Batch(entries)
 
@@ -304,7 +355,11 @@ class Outbox:
         """Un-lease the batch: its rows, and any leased after them, are leased again, first."""
         if batch.entries:
             async with self._lock:
-                self._cursor = min(self._cursor, batch.entries[0].seq - 1)
+                first = batch.entries[0].seq
+                if self._split is not None and first > self._split:
+                    self._live_cursor = min(self._live_cursor, first - 1)
+                else:
+                    self._cursor = min(self._cursor, first - 1)
                 self._ready.set()
 
     async def stats(self) -> OutboxStats:

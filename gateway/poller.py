@@ -59,11 +59,14 @@ async def poll(
     *,
     backoff: Backoff | None = None,
     stats: PollStats | None = None,
+    on_down: Callable[[str], None] | None = None,
 ) -> None:
     """Read `collector` every `every` seconds forever, handing readings to `sink`.
 
     When the device becomes unreachable its tags are reported Bad once (not on every
-    retry) and the poller reconnects with backoff. Runs until cancelled.
+    retry), then `on_down(name)` is called (the Sparkplug node's DDEATH), and the poller
+    reconnects with backoff. The next readings after that mean it is back. Runs until
+    cancelled.
     """
     backoff = backoff or Backoff(initial=0.5, cap=30.0)
     stats = stats or PollStats()
@@ -79,6 +82,8 @@ async def poll(
                 status = Status.BAD_TIMEOUT if timeout else Status.BAD_COMMUNICATION_ERROR
                 if readings := collector.unavailable(status, time.time()):
                     await sink(readings)
+                if on_down is not None:
+                    on_down(collector.name)
         finally:
             await collector.close()
         await asyncio.sleep(backoff.next())

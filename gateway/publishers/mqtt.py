@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from gateway.backoff import Backoff
 from gateway.config import MqttSettings
 from gateway.errors import BrokerUnavailable, ConfigError, PublishError
-from gateway.publishers.session import Message, Session, open_client
+from gateway.publishers.session import Message, OnMessage, Session, open_client
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,12 @@ _announcing: ContextVar[bool] = ContextVar("millwright_mqtt_announcing", default
 class MqttConnection:
     """A connection to one broker, kept up by `run()` for as long as the gateway runs.
 
-    `will` is set on every connection. `on_connect` is awaited after each successful
-    connect, before `wait_connected()` returns and before `publish_many` accepts data:
-    the UNS publisher uses it to publish its retained status and `_meta` messages first.
+    `will` is set on every connection; a callable is asked for it before each connection
+    attempt (the Sparkplug NDEATH carries a new bdSeq every time). `on_connect` is awaited
+    after each successful connect, before `wait_connected()` returns and before
+    `publish_many` accepts data: the UNS publisher uses it to publish its retained status
+    and `_meta` messages first, the Sparkplug node to subscribe. `on_message` receives the
+    messages of those subscriptions.
     """
 
     def __init__(
@@ -57,13 +60,15 @@ class MqttConnection:
         settings: MqttSettings,
         *,
         client_id: str | None = None,
-        will: Message | None = None,
+        will: Message | Callable[[], Message] | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
+        on_message: OnMessage | None = None,
     ) -> None:
         self._settings = settings
         self._client_id = client_id if client_id is not None else (settings.client_id or "")
         self._will = will
         self._on_connect = on_connect
+        self._on_message = on_message
         self.where = f"{'mqtts' if settings.tls else 'mqtt'}://{settings.host}:{settings.port}"
         self._tls = _tls_context(settings) if settings.tls else None
         if settings.tls and settings.tls_insecure:
@@ -75,6 +80,14 @@ class MqttConnection:
         self._down_since: float | None = None
         self._reported = False
         self._was_up = False
+        self._leaving: str | None = None  # why we are ending this connection ourselves
+        # Counts established connections: tells a publisher that the broker session changed.
+        self.generation = 0
+        # The will of the last attempt, and whether its CONNECT never went out (the socket or
+        # TLS failed first): then the next attempt reuses it, so a Sparkplug bdSeq counts
+        # CONNECT packets, not attempts.
+        self._last_will: Message | None = None
+        self._reuse_will = False
 
     @property
     def connected(self) -> bool:
@@ -92,10 +105,22 @@ class MqttConnection:
         before every confirmation arrived; `PublishError` when the broker refused a message
         (MQTT 5 reason code >= 0x80) or paho rejected it (bad topic).
         """
+        await self._current().publish(messages)
+
+    async def subscribe(self, filters: Sequence[tuple[str, int]]) -> None:
+        """Subscribe on the current connection (from the on_connect hook, typically)."""
+        await self._current().subscribe(filters)
+
+    async def barrier(self) -> None:
+        """Return once the broker has processed every message published before (QoS 0
+        included); raise BrokerUnavailable if the connection is lost first."""
+        await self._current().barrier()
+
+    def _current(self) -> Session:
         session = self._session
         if session is None or not (self._ready.is_set() or _announcing.get()):
             raise BrokerUnavailable(f"not connected to {self.where}")
-        await session.publish(messages)
+        return session
 
     async def run(self) -> None:
         """Connect, and reconnect with backoff after every failure or loss, until cancelled
@@ -116,7 +141,12 @@ class MqttConnection:
                     if self._closing:
                         log.info("disconnected from %s", self.where)
                         return
-                    self._report_down(reason, lost=True)
+                    if self._leaving is not None:
+                        log.info("disconnected from %s (%s); connecting again", self.where, self._leaving)
+                        self._leaving = None
+                        self._down_since, self._was_up = time.monotonic(), False
+                    else:
+                        self._report_down(reason, lost=True)
                 with suppress(TimeoutError):
                     async with asyncio.timeout(backoff.next()):
                         await self._closed.wait()
@@ -126,15 +156,26 @@ class MqttConnection:
                 self._session.abort("stopped")
                 self._session = None
 
-    async def close(self, final: Sequence[Message] = ()) -> None:
+    async def close(self, final: Sequence[Message] = (), *, with_will: bool = False) -> None:
         """Graceful stop: publish `final` (waiting ~2 s for its PUBACKs), then DISCONNECT.
 
         A normal DISCONNECT makes the broker discard the will, so a final offline status
-        must be among `final`. `run()` returns afterwards.
+        must be among `final`, unless `with_will` (MQTT 5) asks the broker to publish the
+        will. `run()` returns afterwards.
         """
         self._closing = True
         self._ready.clear()
         self._closed.set()
+        await self._leave(final, with_will=with_will)
+
+    async def reconnect(self, why: str, final: Sequence[Message] = (), *, with_will: bool = False) -> None:
+        """End the current connection like `close()` does, and let `run()` connect again."""
+        if self._session is not None and self._session.established:
+            self._leaving = why
+            self._ready.clear()
+            await self._leave(final, with_will=with_will)
+
+    async def _leave(self, final: Sequence[Message], *, with_will: bool) -> None:
         session = self._session
         if session is None or not session.established:
             return
@@ -144,21 +185,28 @@ class MqttConnection:
                     await session.publish(final)
             except (PublishError, TimeoutError) as exc:
                 log.warning("final messages to %s not confirmed: %s", self.where, str(exc) or "timed out")
-        await session.disconnect()
+        await session.disconnect(with_will=with_will and self._settings.version == "5")
 
     async def _establish(self) -> Session:
         """One attempt: socket, TLS, CONNACK and the on_connect hook, within connect_timeout."""
-        session = Session(asyncio.get_running_loop(), self._client(), self._settings.max_inflight)
+        session = Session(
+            asyncio.get_running_loop(), self._client(), self._settings.max_inflight, self._on_message
+        )
         self._session = session
         timeout = self._settings.connect_timeout
         try:
             async with asyncio.timeout(timeout):
-                await open_client(session.client, self._connect_args())
+                try:
+                    await open_client(session.client, self._connect_args())
+                except (OSError, ValueError):
+                    self._reuse_will = True
+                    raise
                 session.attach()
                 either: list[asyncio.Future[Any]] = [session.connack, session.lost]
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if session.lost.done():
                     raise BrokerUnavailable(session.lost.result())
+                self.generation += 1
                 await self._announce()
         except TimeoutError:
             session.abort("timed out")
@@ -244,8 +292,14 @@ class MqttConnection:
             client.tls_set_context(self._tls)
             if s.tls_insecure:
                 client.tls_insecure_set(True)
-        if self._will is not None:
-            client.will_set(*self._will)
+        will = self._will
+        if callable(will):
+            if self._last_will is None or not self._reuse_will:
+                self._last_will = will()
+            will = self._last_will
+        self._reuse_will = False
+        if will is not None:
+            client.will_set(*will)
         return client
 
     def _connect_args(self) -> dict[str, Any]:

@@ -12,12 +12,13 @@ import asyncio
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -25,6 +26,14 @@ from gateway.errors import BrokerUnavailable, MessagesRefused, PublishError
 
 Message = tuple[str, bytes, int, bool]
 """topic, payload, qos, retain"""
+
+OnMessage = Callable[[str, bytes], None]
+"""Called on the event loop with the topic and payload of each message received."""
+
+# The topic filter of the delivery barrier (see Session.barrier); never subscribed to.
+_BARRIER_FILTER = "millwright/barrier"
+# MQTT 5 DISCONNECT reason: "disconnect with will message".
+DISCONNECT_WITH_WILL = 0x04
 
 _DISCONNECT_TIMEOUT = 1.0
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -50,9 +59,18 @@ class _Tracker:
 class Session:
     """One paho client and its socket, from connect to loss. Never reused."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: paho.Client, max_inflight: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: paho.Client,
+        max_inflight: int,
+        on_message: OnMessage | None = None,
+    ) -> None:
         self.loop = loop
         self.client = client
+        self.on_message = on_message
+        # SUBACKs and UNSUBACKs awaited, by message id.
+        self.acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self.max_inflight = max_inflight
         self.window = asyncio.Semaphore(max_inflight)
         self.pending: dict[int, tuple[_Tracker, str]] = {}
@@ -73,6 +91,8 @@ class Session:
         c = self.client
         c.on_connect, c.on_disconnect, c.on_publish = self._on_connect, self._on_disconnect, self._on_publish
         c.on_socket_close = self._on_socket_close
+        c.on_subscribe = c.on_unsubscribe = self._on_ack
+        c.on_message = self._on_message
         c.on_socket_register_write = self._on_register_write
         c.on_socket_unregister_write = self._on_unregister_write
         self.loop.add_reader(sock, self._on_readable)
@@ -141,6 +161,55 @@ class Session:
         else:
             self._settle(entry[0], entry[1], reason)
 
+    def _on_ack(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
+        future = self.acks.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(reasons)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self.on_message is not None:
+            self.on_message(msg.topic, bytes(msg.payload))
+
+    async def subscribe(self, filters: Sequence[tuple[str, int]]) -> None:
+        """Subscribe to (filter, qos) pairs; return when the broker granted every one.
+        Raises BrokerUnavailable when the connection is lost or the broker refuses one."""
+        rc, mid = self.client.subscribe(list(filters))
+        reasons = await self._await_ack(rc, mid)
+        refused = [f"{f} ({r})" for (f, _), r in zip(filters, reasons, strict=False) if r.is_failure]
+        if refused:
+            raise BrokerUnavailable(f"the broker refused the subscription to {', '.join(refused)}")
+
+    async def barrier(self) -> None:
+        """Return once the broker has processed everything sent before on this connection.
+
+        QoS 0 messages get no acknowledgement; an UNSUBSCRIBE gets one, and a broker handles
+        one client's packets in order. So when the UNSUBACK of a filter nobody subscribed to
+        arrives, every message written before it has reached the broker."""
+        rc, mid = self.client.unsubscribe(_BARRIER_FILTER)
+        await self._await_ack(rc, mid)
+
+    async def _await_ack(self, rc: MQTTErrorCode, mid: int | None) -> list[ReasonCode]:
+        if self.lost.done():
+            raise BrokerUnavailable(f"connection lost: {self.lost.result()}")
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            self.abort(paho.error_string(rc))
+            raise BrokerUnavailable(f"connection lost: {self.lost.result()}")
+        # Registered before anything is awaited: the ack is read on this loop, so not earlier.
+        future = self.acks[mid] = self.loop.create_future()
+        await asyncio.wait([future, self.lost], return_when=asyncio.FIRST_COMPLETED)
+        if not future.done():
+            self.acks.pop(mid, None)
+            raise BrokerUnavailable(f"connection lost: {self.lost.result()}")
+        reasons: list[ReasonCode] = future.result()
+        return reasons
+
     def _settle(self, tracker: _Tracker, topic: str, reason: ReasonCode) -> None:
         self.window.release()
         if reason.is_failure:
@@ -178,11 +247,13 @@ class Session:
             sock.close()
         self.fail(reason)
 
-    async def disconnect(self) -> None:
-        """A normal DISCONNECT, so the broker discards the will; abort if it takes too long."""
+    async def disconnect(self, *, with_will: bool = False) -> None:
+        """A normal DISCONNECT, so the broker discards the will (MQTT 5 and `with_will`: the
+        broker publishes it); abort if it takes too long."""
         if self.lost.done():
             return
-        self.client.disconnect()
+        reason = ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL) if with_will else None
+        self.client.disconnect(reasoncode=reason)
         with suppress(TimeoutError):
             async with asyncio.timeout(_DISCONNECT_TIMEOUT):
                 await asyncio.shield(self.lost)

@@ -124,3 +124,40 @@ def test_simulate_modbus_rejects_a_bad_range() -> None:
     result = millwright("simulate", "modbus", "--exception", "2", "--exception-range", "registers:0-9")
     assert result.returncode == 2
     assert "unknown table" in result.stderr
+
+
+def test_sparkplug_decode_of_a_capture(tmp_path: Path) -> None:
+    """`mosquitto_sub -F '%t %x'` lines in, one JSON document per message out; a birth's
+    datatypes decode the later DATA's aliases and signed values; a bad line is reported
+    (exit 1) and the rest still decoded."""
+    from gateway.publishers.sparkplug.payload import DataType, Payload
+
+    birth = Payload(timestamp=1000, seq=0)
+    birth.metrics.add(name="bdSeq", datatype=DataType.INT64, long_value=4)
+    dbirth = Payload(timestamp=1000, seq=1)
+    dbirth.metrics.add(name="offset", alias=1, datatype=DataType.INT16, int_value=0xFFFF_FFFF)
+    data = Payload(timestamp=2000, seq=2)
+    data.metrics.add(alias=1, timestamp=1999, int_value=0xFFFF_FFFD)
+    capture = tmp_path / "capture.txt"
+    capture.write_text(
+        f"spBv1.0/g/NBIRTH/n {birth.SerializeToString().hex()}\n"
+        f"spBv1.0/g/DBIRTH/n/press {dbirth.SerializeToString().hex()}\n"
+        "spBv1.0/g/DDATA/n/press zz\n"
+        f"spBv1.0/g/DDATA/n/press {data.SerializeToString().hex()}\n"
+    )
+    result = millwright("sparkplug", "decode", "--hex", str(capture))
+    assert result.returncode == 1
+    assert "line 3" in result.stderr
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d["seq"] for d in docs] == [0, 1, 2]
+    assert docs[0]["metrics"][0] == {"name": "bdSeq", "datatype": "Int64", "value": 4}
+    assert docs[2]["topic"] == "spBv1.0/g/DDATA/n/press"
+    assert docs[2]["metrics"] == [
+        {"name": "offset", "alias": 1, "timestamp": 1999, "datatype": "Int16", "value": -3}
+    ]
+
+    raw = tmp_path / "nbirth.bin"
+    raw.write_bytes(birth.SerializeToString())
+    result = millwright("sparkplug", "decode", str(raw))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["metrics"][0]["value"] == 4

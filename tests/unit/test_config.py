@@ -226,3 +226,43 @@ def test_check_of_missing_file_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "cannot read the file" in result.stderr
+
+
+def test_sparkplug_settings_and_default_edge_node_id() -> None:
+    text = _with(
+        "mqtt", {"url": "mqtt://127.0.0.1:1883", "format": "sparkplug", "sparkplug": {"group_id": "plant1"}}
+    )
+    settings = config.parse(text, "gw.yaml")
+    assert settings.mqtt.sparkplug is not None
+    assert settings.mqtt.sparkplug.group_id == "plant1"
+    assert settings.edge_node_id == "edge-1"  # the gateway id
+    assert settings.mqtt.sparkplug.primary_host_id is None
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "where", "says"),
+    [
+        ({"format": "sparkplug"}, "mqtt", "needs a sparkplug: section"),
+        ({"sparkplug": {"group_id": "g"}}, "mqtt", "needs format: sparkplug"),
+        ({"format": "sparkplug", "sparkplug": {}}, "mqtt.sparkplug.group_id", "required key is missing"),
+        ({"format": "sparkplug", "sparkplug": {"group_id": "a/b"}}, "mqtt.sparkplug.group_id", "pattern"),
+        ({"format": "sparkplug", "sparkplug": {"group_id": "g", "edge_node_id": "n#"}},
+         "mqtt.sparkplug.edge_node_id", "pattern"),
+        ({"format": "sparkplug", "sparkplug": {"group_id": "g", "primary_host_id": "h+"}},
+         "mqtt.sparkplug.primary_host_id", "pattern"),
+    ],
+)  # fmt: skip
+def test_sparkplug_config_errors_name_the_key(mqtt: dict[str, object], where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.parse(_with("mqtt", {"url": "mqtt://127.0.0.1:1883", **mqtt}), "gw.yaml")
+    assert any(p.startswith(f"{where}:") and says in p for p in err.value.problems), err.value.problems
+
+
+def test_sparkplug_refuses_tags_that_differ_only_in_case() -> None:
+    """case-sensitivity-metric-names: some hosts fold case, and the two would become one."""
+    doc = yaml.safe_load(_with("devices.0.tags.1.name", "Temperature"))
+    doc["mqtt"].update(format="sparkplug", sparkplug={"group_id": "g"})
+    with pytest.raises(ConfigError, match="ignoring case"):
+        config.parse(yaml.safe_dump(doc), "gw.yaml")
+    doc["mqtt"] = {"url": "mqtt://127.0.0.1:1883"}  # UNS topics are case-sensitive: fine there
+    config.parse(yaml.safe_dump(doc), "gw.yaml")

@@ -455,3 +455,58 @@ def test_read_stats_of_a_file_that_is_not_an_outbox(tmp_path: Path) -> None:
     path.write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(OutboxError, match="cannot read"):
         read_stats(path)
+
+
+async def test_replay_splits_history_and_live_lanes(outbox: Outbox) -> None:
+    await outbox.append(readings([1, 2, 3]))
+    boundary = outbox.begin_replay()
+    assert boundary == 3
+    assert outbox.replaying
+    await outbox.append(readings([4, 5]))
+    live = await outbox.lease(10, live=True)
+    assert seqs(live) == [4, 5]
+    history = await outbox.lease(2)
+    assert seqs(history) == [1, 2]  # never past the boundary
+    await outbox.ack(live)
+    await outbox.ack(history)
+    await outbox.append(readings([6]))
+    assert seqs(await outbox.lease(10, live=True)) == [6]
+    last = await outbox.lease(10)
+    assert seqs(last) == [3]
+    assert not outbox.replaying  # history ran dry: one FIFO again, after the live lane
+    assert len(await outbox.lease(10)) == 0
+
+
+async def test_release_goes_back_to_its_own_lane(outbox: Outbox) -> None:
+    await outbox.append(readings([1, 2]))
+    outbox.begin_replay()
+    await outbox.append(readings([3, 4]))
+    live = await outbox.lease(1, live=True)
+    history = await outbox.lease(1)
+    await outbox.release(live)
+    await outbox.release(history)
+    assert seqs(await outbox.lease(10, live=True)) == [3, 4]
+    assert seqs(await outbox.lease(10)) == [1, 2]
+
+
+async def test_a_new_replay_extends_history_without_leasing_twice(outbox: Outbox) -> None:
+    await outbox.append(readings([1, 2, 3]))
+    outbox.begin_replay()
+    await outbox.append(readings([4, 5]))
+    live = await outbox.lease(1, live=True)  # 4, published and acked
+    await outbox.ack(live)
+    history = await outbox.lease(1)  # 1, acked
+    await outbox.ack(history)
+    assert outbox.begin_replay() == 5  # a rebirth: everything not yet published is history now
+    await outbox.append(readings([6]))
+    assert seqs(await outbox.lease(10)) == [2, 3, 5]
+    assert seqs(await outbox.lease(10, live=True)) == [6]
+
+
+async def test_replay_with_nothing_pending_keeps_one_lane(outbox: Outbox) -> None:
+    await outbox.append(readings([1]))
+    await outbox.ack(await outbox.lease(10))
+    outbox.begin_replay()
+    assert not outbox.replaying
+    await outbox.append(readings([2]))
+    assert seqs(await outbox.lease(10, live=True)) == [2]

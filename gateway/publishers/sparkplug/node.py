@@ -1,0 +1,534 @@
+"""The Sparkplug B edge node: births and deaths, sequence numbers, commands, primary host,
+and the readings of the outbox as DDATA.
+
+One task (`run`) publishes everything the node sends in a session, in order: NBIRTH, the
+DBIRTHs, DDATA, DDEATH. So `seq` needs no lock, a rebirth can never interleave with data, and
+the order of a device's DDEATH relative to its readings is the order in which they happened.
+
+Decisions, and why:
+
+- **Delivery.** DATA messages are QoS 0, as Sparkplug prescribes; QoS 0 has no
+  acknowledgement, so after each batch the node waits for a barrier (see
+  `Session.barrier`): only when the broker has processed the batch is it acked in the
+  outbox. A connection lost before that releases the batch: nothing that reached the
+  outbox is lost, it is replayed as history in the next session.
+- **History.** At every birth (connect, rebirth) the rows not yet published become the
+  history lane of the outbox (`Outbox.begin_replay`); the DBIRTHs carry the newest value
+  of every metric, and the history is published as DDATA with `is_historical` and the
+  original timestamps, alternating batch by batch with live readings, so a long backlog
+  does not hold live values back.
+- **Device state.** The poller reports a device down after its Bad readings reached the
+  outbox; that event is stamped with the outbox's last seq and turned into a DDEATH when
+  the live lane has published up to it. The device's next readings bring a DBIRTH first.
+- **Datatypes.** A Modbus tag's datatype follows from its config. An OPC UA tag's is learned
+  from its first value; until then its DBIRTH announces it as a null String, and a value
+  that does not fit the datatype of the last DBIRTH triggers a new DBIRTH of its device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.collectors.opcua.settings import OpcUaDevice
+from gateway.config import MqttSettings, SparkplugSettings
+from gateway.errors import BrokerUnavailable
+from gateway.model import Batch, Entry, Quality, Reading, Status
+from gateway.outbox import Outbox
+from gateway.publishers.mqtt import MqttConnection
+from gateway.publishers.session import Message
+from gateway.publishers.sparkplug.payload import (
+    NAMESPACE,
+    DataType,
+    Metric,
+    Payload,
+    add_properties,
+    datatype_of,
+    fits,
+    parse,
+    set_value,
+)
+
+log = logging.getLogger(__name__)
+
+REBIRTH = "Node Control/Rebirth"
+BDSEQ = "bdSeq"
+
+_MODBUS_TYPES = {
+    "bool": DataType.BOOLEAN, "int16": DataType.INT16, "uint16": DataType.UINT16,
+    "int32": DataType.INT32, "uint32": DataType.UINT32, "int64": DataType.INT64,
+    "uint64": DataType.UINT64, "float32": DataType.FLOAT, "float64": DataType.DOUBLE,
+    "string": DataType.STRING,
+}  # fmt: skip
+
+
+@dataclass(slots=True)
+class MetricSpec:
+    """A device metric: its tag, alias, unit, and datatype (None until learned)."""
+
+    name: str
+    alias: int | None
+    unit: str | None
+    datatype: DataType | None
+    born: DataType | None = None  # the datatype announced by the device's last DBIRTH
+
+
+def metric_types(device: ModbusDevice | OpcUaDevice) -> list[tuple[str, DataType | None, str | None]]:
+    """(tag, datatype, unit) of each tag of a configured device. A scaled Modbus register is a
+    Double; an OPC UA tag's datatype is not known before the server sends a value."""
+    if isinstance(device, OpcUaDevice):
+        return [(t.name, None, t.unit) for t in device.tags]
+    specs: list[tuple[str, DataType | None, str | None]] = []
+    for t in device.tags:
+        scaled = t.scale != 1.0 or t.offset != 0.0
+        specs.append((t.name, DataType.DOUBLE if scaled else _MODBUS_TYPES[t.datatype], t.unit))
+    return specs
+
+
+class BdSeqFile:
+    """The bdSeq counter, kept in a small file so that it keeps counting across restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._warned = False
+
+    def next(self) -> int:
+        """The bdSeq for the next CONNECT: one more than the last (0 after 255, and at first)."""
+        try:
+            last = int(self.path.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            last = -1
+        value = (last + 1) % 256 if 0 <= last <= 255 else 0
+        try:
+            # Written and synced before the CONNECT that uses it: a crash right after must
+            # not hand out the same bdSeq again.
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", encoding="ascii") as f:
+                f.write(f"{value}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.path)
+        except OSError as exc:
+            if not self._warned:
+                log.error("cannot save the Sparkplug bdSeq in %s: %s; it restarts at 0 after a restart",
+                          self.path, exc.strerror or exc)  # fmt: skip
+                self._warned = True
+        return value
+
+
+def _ms(ts: float) -> int:
+    return int(ts * 1000)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SparkplugNode:
+    """A Sparkplug B edge node publishing the outbox. Pollers hand readings to `append`
+    and report dead devices to `device_down`; `run()` is the publishing task; `close()`
+    says NDEATH and disconnects."""
+
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        sparkplug: SparkplugSettings,
+        outbox: Outbox,
+        *,
+        edge_node_id: str,
+        devices: Mapping[str, Sequence[tuple[str, DataType | None, str | None]]],
+        bdseq: BdSeqFile,
+        client_id: str,
+    ) -> None:
+        self._outbox = outbox
+        self._batch = mqtt.batch
+        self._version = mqtt.version
+        self._aliases = sparkplug.aliases
+        self._host = sparkplug.primary_host_id
+        group, node = sparkplug.group_id, edge_node_id
+        self.topic_prefix = f"{NAMESPACE}/{group}"
+        self._nbirth_topic = f"{NAMESPACE}/{group}/NBIRTH/{node}"
+        self._ndeath_topic = f"{NAMESPACE}/{group}/NDEATH/{node}"
+        self._ncmd_topic = f"{NAMESPACE}/{group}/NCMD/{node}"
+        self._dcmd_filter = f"{NAMESPACE}/{group}/DCMD/{node}/+"
+        self._device_topic = f"{NAMESPACE}/{group}/{{}}/{node}/{{}}"
+        self._state_topic = f"{NAMESPACE}/STATE/{self._host}" if self._host else None
+        self._bdseq_file = bdseq
+        self.bdseq = -1
+
+        self._next_alias = 1
+        self._metrics: dict[str, dict[str, MetricSpec]] = {}
+        for name, specs in devices.items():
+            for tag, datatype, unit in specs:
+                self._add_metric(name, tag, datatype, unit)
+
+        # What has been appended to the outbox (in append order): the newest reading per
+        # metric, which devices are up, and the down events not yet published.
+        self._latest: dict[str, dict[str, Reading]] = {}
+        self._alive: dict[str, bool] = {}
+        self._downs: deque[tuple[int, str]] = deque()
+        # What the host has been told in this session (in publish order).
+        self._current: dict[str, dict[str, Reading]] = {}
+        self._born: set[str] = set()
+        self._seq = 0
+        self._birth_due = True
+        self._generation = -1  # the connection the births went out on
+        # Primary host: the newest STATE timestamp seen, and whether it said online.
+        self._state_ts: int | None = None
+        self._host_online = False
+        self._leaving: asyncio.Task[None] | None = None
+        self._warned: set[str] = set()
+        self._wake = asyncio.Event()
+
+        self.connection = MqttConnection(
+            mqtt,
+            client_id=client_id,
+            will=self._will,
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+        )
+
+    # -- the pollers' side -------------------------------------------------------------
+
+    async def append(self, readings: list[Reading]) -> None:
+        """The pollers' sink: note the newest values, then commit them to the outbox.
+
+        Noted first: a birth while the commit is under way then announces these values
+        (and publishes them again as live DDATA), rather than older values while these
+        go out as history."""
+        latest, alive = self._latest, self._alive
+        for r in readings:
+            latest.setdefault(r.device, {})[r.tag] = r
+            alive[r.device] = True
+        await self._outbox.append(readings)
+        self._wake.set()
+
+    def device_down(self, device: str) -> None:
+        """The poller's report that `device` stopped answering (after its Bad readings)."""
+        self._alive[device] = False
+        self._downs.append((self._outbox.last_seq, device))
+        self._wake.set()
+
+    # -- the connection's side ---------------------------------------------------------
+
+    def _will(self) -> Message:
+        """The NDEATH for the next CONNECT, with the next bdSeq (asked before each attempt)."""
+        self.bdseq = self._bdseq_file.next()
+        return self._ndeath()
+
+    def _ndeath(self) -> Message:
+        payload = Payload(timestamp=_now_ms())
+        self._node_metric(payload, BDSEQ, DataType.INT64, self.bdseq)
+        return self._ndeath_topic, payload.SerializeToString(), 1, False
+
+    async def _on_connect(self) -> None:
+        """Subscribe before any birth: the commands, and the primary host's STATE."""
+        filters = [(self._ncmd_topic, 1), (self._dcmd_filter, 1)]
+        if self._state_topic is not None:
+            filters.insert(0, (self._state_topic, 1))
+        await self.connection.subscribe(filters)
+        self._birth_due = True
+        self._wake.set()
+
+    def _on_message(self, topic: str, data: bytes) -> None:
+        if topic == self._state_topic:
+            self._on_state(data)
+        elif topic == self._ncmd_topic:
+            self._on_ncmd(data)
+        else:
+            self._warn_once(topic, "DCMD on %s ignored: this gateway does not write to devices", topic)
+
+    def _on_ncmd(self, data: bytes) -> None:
+        try:
+            payload = parse(data)
+        except ValueError as exc:
+            self._warn_once("ncmd-payload", "NCMD ignored: %s", exc)
+            return
+        for m in payload.metrics:
+            if m.name == REBIRTH:
+                if m.WhichOneof("value") == "boolean_value" and m.boolean_value:
+                    log.info("rebirth requested by NCMD")
+                    self._birth_due = True
+                    self._wake.set()
+            else:
+                self._warn_once(f"ncmd {m.name}", "NCMD metric %r ignored: not supported", m.name or m.alias)
+
+    def _on_state(self, data: bytes) -> None:
+        try:
+            doc = json.loads(data)
+            online, ts = doc["online"], doc["timestamp"]
+            if not isinstance(online, bool) or not isinstance(ts, int):
+                raise TypeError("online must be a boolean and timestamp an integer")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._warn_once("state", "STATE of primary host %s ignored: not valid (%s)", self._host, exc)
+            return
+        if self._state_ts is not None and ts < self._state_ts:
+            log.debug("older STATE of %s ignored", self._host)
+            return
+        self._state_ts = ts
+        if online:
+            if not self._host_online:
+                log.info("primary host %s is online", self._host)
+            self._host_online = True
+            self._wake.set()
+            return
+        was_online, self._host_online = self._host_online, False
+        if self._generation == self.connection.generation and not self._birth_due:
+            log.warning("primary host %s went offline: NDEATH, disconnecting; readings wait in the outbox",
+                        self._host)  # fmt: skip
+            self._birth_due = True
+            self._leaving = asyncio.create_task(self._leave(), name="sparkplug reconnect")
+        elif was_online or self._generation == -1:
+            log.info("waiting for primary host %s to come online", self._host)
+
+    async def _leave(self) -> None:
+        final = [] if self._version == "5" else [self._ndeath()]
+        with suppress(BrokerUnavailable):  # lost anyway: the broker publishes the will
+            await self.connection.reconnect("primary host offline", final, with_will=True)
+
+    async def close(self) -> None:
+        """NDEATH, then DISCONNECT: MQTT 5 asks the broker to publish the will (reason 0x04);
+        with 3.1.1 the node publishes the NDEATH itself first."""
+        if self._leaving is not None:
+            self._leaving.cancel()
+        final = [] if self._version == "5" else [self._ndeath()]
+        await self.connection.close(final, with_will=True)
+
+    # -- the publishing task -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Publish births, then the outbox, for as long as the gateway runs."""
+        while True:
+            self._wake.clear()
+            await self.connection.wait_connected()
+            try:
+                if self._birth_due:
+                    if self._host is not None and not self._host_online:
+                        await self._wake.wait()  # the STATE, or a new connection
+                        continue
+                    await self._birth()
+                elif not await self._forward():
+                    await self._wake.wait()
+            except BrokerUnavailable:
+                continue  # the connection task reconnects; wait_connected() waits for it
+
+    async def _birth(self) -> None:
+        """NBIRTH and every DBIRTH (and a DDEATH for each device known to be down); the rows
+        not yet published become history."""
+        self._birth_due = False
+        generation = self.connection.generation
+        boundary = self._outbox.begin_replay()
+        self._downs.clear()  # folded into the births: _alive says who is down
+        self._current = {device: dict(values) for device, values in self._latest.items()}
+        now = _now_ms()
+        self._seq = 255  # the NBIRTH takes 0
+        nbirth = Payload(timestamp=now, seq=self._next_seq())
+        self._node_metric(nbirth, BDSEQ, DataType.INT64, self.bdseq)
+        self._node_metric(nbirth, REBIRTH, DataType.BOOLEAN, False)
+        messages: list[Message] = [(self._nbirth_topic, nbirth.SerializeToString(), 0, False)]
+        self._born.clear()
+        for device in self._metrics:
+            messages.append(self._dbirth(device, now))
+        messages.extend(self._ddeath(d) for d in self._metrics if not self._alive.get(d, True))
+        self._generation = generation
+        await self._send(messages, barrier=False)
+        if self._outbox.replaying:
+            log.info(
+                "births sent (bdSeq %d); replaying readings up to seq %d as historical", self.bdseq, boundary
+            )
+        else:
+            log.info("births sent (bdSeq %d)", self.bdseq)
+
+    async def _forward(self) -> bool:
+        """One live batch, then (during a replay) one history batch; False when idle."""
+        known = len(self._downs)  # events stamped before the lease: the lease covers them
+        live = await self._outbox.lease(self._batch, live=True)
+        messages = self._live_messages(live, known, short=len(live) < self._batch)
+        await self._deliver(live, messages)
+        if not self._outbox.replaying:
+            return bool(live) or bool(messages)
+        history = await self._outbox.lease(self._batch)
+        await self._deliver(history, self._history_messages(history))
+        if not self._outbox.replaying:
+            log.info("replay of historical readings done")
+        return True
+
+    async def _deliver(self, batch: Batch, messages: list[Message]) -> None:
+        try:
+            await self._send(messages)
+        except BrokerUnavailable:
+            await self._outbox.release(batch)
+            raise
+        await self._outbox.ack(batch)
+
+    async def _send(self, messages: list[Message], *, barrier: bool = True) -> None:
+        if not messages:
+            return
+        if self._generation != self.connection.generation:
+            # Reconnected since the births: this session needs its own births first.
+            raise BrokerUnavailable("reconnected: births first")
+        await self.connection.publish_many(messages)
+        if barrier:
+            await self.connection.barrier()
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _live_messages(self, batch: Batch, known: int, *, short: bool) -> list[Message]:
+        """DDATA per device, in seq order, with the DBIRTHs and DDEATHs that fall between."""
+        messages: list[Message] = []
+        group: dict[str, list[Entry]] = {}
+        downs, remaining = self._downs, known
+        for entry in batch.entries:
+            r = entry.reading
+            while remaining and downs[0][0] < entry.seq:
+                self._flush(group, messages, historical=False)
+                self._died(downs.popleft()[1], messages)
+                remaining -= 1
+            if r.device not in self._born or self._needs_birth(r):
+                self._flush(group, messages, historical=False)
+                messages.append(self._dbirth(r.device, _now_ms()))
+            group.setdefault(r.device, []).append(entry)
+        self._flush(group, messages, historical=False)
+        while remaining and (short or downs[0][0] <= batch.last_seq):
+            self._died(downs.popleft()[1], messages)
+            remaining -= 1
+        return messages
+
+    def _died(self, device: str, messages: list[Message]) -> None:
+        if device in self._born:  # once per outage
+            messages.append(self._ddeath(device))
+
+    def _history_messages(self, batch: Batch) -> list[Message]:
+        """Historical DDATA per device. History is published whatever the device's state now;
+        a metric unknown to the host still needs a DBIRTH first (and a dead device then its
+        DDEATH again)."""
+        messages: list[Message] = []
+        group: dict[str, list[Entry]] = {}
+        for entry in batch.entries:
+            r = entry.reading
+            if self._needs_birth(r):
+                self._flush(group, messages, historical=True)
+                dead = r.device not in self._born
+                messages.append(self._dbirth(r.device, _now_ms()))
+                if dead:
+                    messages.append(self._ddeath(r.device))
+            group.setdefault(r.device, []).append(entry)
+        self._flush(group, messages, historical=True)
+        return messages
+
+    def _flush(self, group: dict[str, list[Entry]], messages: list[Message], *, historical: bool) -> None:
+        for device, entries in group.items():
+            messages.append(self._ddata(device, entries, historical=historical))
+        group.clear()
+
+    def _needs_birth(self, r: Reading) -> bool:
+        """Whether publishing `r` needs a new DBIRTH of its device first: a metric the host
+        does not know, or a value that does not fit the datatype the host was told."""
+        specs = self._metrics.get(r.device)
+        spec = specs.get(r.tag) if specs is not None else None
+        if spec is None:
+            self._warn_once(f"adopt {r.device}", "publishing readings of %r, which is not configured (any "
+                            "more): its metrics are added as they appear", r.device)  # fmt: skip
+            self._add_metric(r.device, r.tag, datatype_of(r.value), r.unit)
+            return True
+        if r.value is None:
+            return False
+        if spec.datatype is None or not fits(spec.datatype, r.value):
+            spec.datatype = datatype_of(r.value)
+        return spec.born is None or not fits(spec.born, r.value)
+
+    def _dbirth(self, device: str, now: int) -> Message:
+        payload = Payload(timestamp=now, seq=self._next_seq())
+        values = self._current.get(device, {})
+        for tag, spec in self._metrics[device].items():
+            r = values.get(tag)
+            if spec.datatype is None and r is not None:
+                spec.datatype = datatype_of(r.value)
+            # Not known yet (no value seen): announced as a null String; the first value
+            # that is not a string brings a new DBIRTH with its datatype.
+            spec.born = spec.datatype or DataType.STRING
+            m = payload.metrics.add(name=spec.name, datatype=spec.born)
+            if spec.alias is not None:
+                m.alias = spec.alias
+            if r is None:
+                m.timestamp = now
+                m.is_null = True
+                add_properties(m, Quality.BAD, Status.BAD_WAITING_FOR_INITIAL_DATA, spec.unit)
+            else:
+                m.timestamp = _ms(r.timestamp)
+                self._set(m, spec.born, r)
+                add_properties(m, r.quality, r.status, spec.unit)
+        self._born.add(device)
+        return self._device_topic.format("DBIRTH", device), payload.SerializeToString(), 0, False
+
+    def _ddata(self, device: str, entries: Iterable[Entry], *, historical: bool) -> Message:
+        payload = Payload(timestamp=_now_ms(), seq=self._next_seq())
+        specs = self._metrics[device]
+        current = self._current.setdefault(device, {})
+        for entry in entries:
+            r = entry.reading
+            spec = specs[r.tag]
+            m = payload.metrics.add()
+            if spec.alias is not None:
+                m.alias = spec.alias
+            else:
+                m.name = spec.name
+            m.timestamp = _ms(r.timestamp)
+            assert spec.born is not None
+            self._set(m, spec.born, r)
+            if historical:
+                m.is_historical = True
+                if r.quality is not Quality.GOOD:
+                    add_properties(m, r.quality, r.status)
+            else:
+                previous = current.get(r.tag)
+                # The host keeps a metric's quality until told otherwise: say it when it is
+                # not Good, and once more when it is Good again.
+                was_good = previous is None or previous.quality is Quality.GOOD
+                if r.quality is not Quality.GOOD or not was_good:
+                    add_properties(m, r.quality, r.status)
+                current[r.tag] = r
+        return self._device_topic.format("DDATA", device), payload.SerializeToString(), 0, False
+
+    def _ddeath(self, device: str) -> Message:
+        self._born.discard(device)
+        payload = Payload(timestamp=_now_ms(), seq=self._next_seq())
+        return self._device_topic.format("DDEATH", device), payload.SerializeToString(), 0, False
+
+    @staticmethod
+    def _set(m: Metric, datatype: DataType, r: Reading) -> None:
+        value = r.value
+        if value is not None and not fits(datatype, value):
+            # Only history older than its metric's last DBIRTH gets here (a tag whose type
+            # changed): published as null rather than as a wrong number.
+            value = None
+        set_value(m, datatype, value)
+
+    @staticmethod
+    def _node_metric(payload: Payload, name: str, datatype: DataType, value: int | bool) -> None:
+        m = payload.metrics.add(name=name, timestamp=payload.timestamp, datatype=datatype)
+        set_value(m, datatype, value)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFF
+        return self._seq
+
+    def _add_metric(self, device: str, tag: str, datatype: DataType | None, unit: str | None) -> None:
+        alias = None
+        if self._aliases:
+            alias, self._next_alias = self._next_alias, self._next_alias + 1
+        self._metrics.setdefault(device, {})[tag] = MetricSpec(tag, alias, unit, datatype)
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
