@@ -106,3 +106,36 @@ def seq_gaps(sparks: list[Spark]) -> list[tuple[int, int]]:
             gaps.append((previous, s.seq))
         previous = s.seq
     return gaps
+
+
+_FIELDS = {
+    1: "int_value", 2: "int_value", 3: "int_value", 5: "int_value", 6: "int_value", 7: "int_value",
+    4: "long_value", 8: "long_value", 13: "long_value", 9: "float_value", 10: "double_value",
+    11: "boolean_value", 12: "string_value", 14: "string_value",
+}  # fmt: skip
+
+
+def mismatched_values(sparks: list[Spark]) -> list[str]:
+    """DDATA metrics whose value is not in the field the datatype of the device's latest
+    DBIRTH prescribes (or that the DBIRTH did not announce at all)."""
+    born: dict[str, dict[str, int]] = {}  # device -> name or alias -> datatype
+    wrong: list[str] = []
+    for s in sparks:
+        if s.kind == "DBIRTH" and s.device is not None:
+            known: dict[str, int] = {}
+            for m in s.payload.metrics:
+                known[m.name] = m.datatype
+                if m.HasField("alias"):
+                    known[f"#{m.alias}"] = m.datatype
+            born[s.device] = known
+        elif s.kind == "DDATA" and s.device is not None:
+            for m in s.payload.metrics:
+                key = m.name or f"#{m.alias}"
+                datatype = born.get(s.device, {}).get(key)
+                if datatype is None:
+                    wrong.append(f"{s.topic} seq {s.seq}: {key} was not in a DBIRTH")
+                elif not m.is_null and m.WhichOneof("value") != _FIELDS.get(datatype):
+                    wrong.append(
+                        f"{s.topic} seq {s.seq}: {key} born {datatype}, sent {m.WhichOneof('value')}"
+                    )
+    return wrong

@@ -9,6 +9,7 @@ handshake run in a short-lived thread per attempt (`open_client`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import threading
@@ -23,6 +24,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import BrokerUnavailable, MessagesRefused, PublishError
+
+log = logging.getLogger(__name__)
 
 Message = tuple[str, bytes, int, bool]
 """topic, payload, qos, retain"""
@@ -174,8 +177,14 @@ class Session:
             future.set_result(reasons)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self.on_message is not None:
+        if self.on_message is None:
+            return
+        try:
             self.on_message(msg.topic, bytes(msg.payload))
+        except Exception:
+            # Raised into paho, it would skip the PUBACK: each such message would hold one of
+            # the broker's in-flight slots for us until none is left.
+            log.exception("error handling a message on %s", msg.topic)
 
     async def subscribe(self, filters: Sequence[tuple[str, int]]) -> None:
         """Subscribe to (filter, qos) pairs; return when the broker granted every one.

@@ -20,9 +20,10 @@ from gateway.app import Gateway
 from gateway.config import parse
 from gateway.outbox import read_stats
 from simulators.modbus import ModbusSimulator
+from simulators.opcua import OpcUaSimulator
 from tests.conftest import MakeMosquitto, Subscribe
 from tests.helpers import Mosquitto
-from tests.sparkplug_host import REBIRTH, Host, Spark, seq_gaps
+from tests.sparkplug_host import REBIRTH, Host, Spark, mismatched_values, seq_gaps
 
 GROUP, NODE = "plant1", "edge-sp"
 TAGS = [
@@ -131,6 +132,7 @@ async def test_session_births_data_and_death(
     assert live
     assert all(not m.HasField("datatype") and m.name in DATATYPES and m.HasField("timestamp") for m in live)
     assert seq_gaps(sparks) == []
+    assert mismatched_values(sparks) == []
     assert any(s.seq == 255 for s in sparks)
     assert any(s.seq == 0 and s.kind == "DDATA" for s in sparks)
 
@@ -226,8 +228,10 @@ async def test_primary_host_wait_offline_and_historical_replay(
         await asyncio.sleep(1.5)
         assert h.sparks == [], "published before the primary host was online"
         h.publish("spBv1.0/STATE/other-host", b'{"online": true, "timestamp": 1}', qos=1, retain=True)
+        h.publish("spBv1.0/STATE/scada", b"[" * 100_000, qos=1)  # not a STATE: ignored, logged
+        h.publish("spBv1.0/STATE/scada", b'{"online": "yes", "timestamp": 5}', qos=1)
         await asyncio.sleep(0.3)
-        assert h.sparks == [], "births for another host's STATE"
+        assert h.sparks == [], "births for another host's STATE, or for an invalid one"
         h.state(online=True, timestamp=t0 + 1)
         await h.received(lambda s: any(m.is_historical for x in h.of("DDATA") for m in x.payload.metrics))
         first = h.of("NBIRTH")[0]
@@ -294,3 +298,45 @@ def assert_all_delivered(sparks: list[Spark], outbox: Path) -> None:
         (s.device, m.name, m.timestamp) for s in sparks if s.kind == "DDATA" for m in s.payload.metrics
     }
     assert stats.last_seq - stats.depth <= len(published) <= stats.last_seq
+
+
+async def test_opcua_datatypes_are_learned_and_announced(
+    mosquitto: Mosquitto, host: Any, outbox: Path, tmp_path: Path
+) -> None:
+    """topics-dbirth-metrics, payloads-metric-datatype-req, operational-behavior-data-publish-dbirth-values:
+    an OPC UA tag's datatype is not known before its first value; the node announces it (a new
+    DBIRTH) before any DDATA carries a value of that type, and never sends a value in a field
+    its last DBIRTH did not announce."""
+    h = host(mosquitto)
+    ns = "nsu=urn:millwright:simulator;"
+    tags = {
+        "speed": ("s=CNC1.Spindle.Speed", 10),  # Double
+        "program": ("s=CNC1.Program.Name", 12),  # String
+        "parts": ("s=CNC1.PartCount", 4),  # UInt32 arrives as a Python int: Int64
+        "alarm": ("s=CNC1.Alarm", 11),  # Boolean
+        "started": ("s=CNC1.CycleStart", 12),  # DateTime: ISO text
+    }
+    async with OpcUaSimulator(port=0, seed=3, pki_dir=tmp_path / "server-pki") as sim:
+        doc = yaml.safe_load(config([], mosquitto, outbox))
+        doc["gateway"]["pki_dir"] = str(tmp_path / "client-pki")
+        nodes = [{"name": n, "node": ns + node} for n, (node, _) in tags.items()]
+        doc["devices"] = [{
+            "name": "cnc-1", "protocol": "opcua", "endpoint": sim.endpoint, "mode": "subscribe",
+            "publishing_interval": "100ms", "tags": nodes,
+        }]  # fmt: skip
+        async with running(yaml.safe_dump(doc), tmp_path / "c.yaml"):
+
+            def announced(sparks: list[Spark]) -> bool:
+                dbirths = [s for s in sparks if s.kind == "DBIRTH"]
+                return bool(dbirths) and {m.name: m.datatype for m in dbirths[-1].payload.metrics} == {
+                    n: t for n, (_, t) in tags.items()
+                }
+
+            await h.received(announced)
+            await h.received(lambda s: len([x for x in s if x.kind == "DDATA"]) >= 3)
+    sparks = await h.received(lambda s: s[-1].kind == "NDEATH")
+    assert mismatched_values(sparks) == []
+    assert seq_gaps(sparks) == []
+    last_birth = [s for s in sparks if s.kind == "DBIRTH"][-1]
+    speed = last_birth.metric("speed")
+    assert speed.WhichOneof("value") in ("double_value", None)

@@ -2,7 +2,7 @@
 and the readings of the outbox as DDATA.
 
 One task (`run`) publishes everything the node sends in a session, in order: NBIRTH, the
-DBIRTHs, DDATA, DDEATH. So `seq` needs no lock, a rebirth can never interleave with data, and
+DBIRTHs, DDATA, DDEATH, and the NDEATH of a session it ends. So `seq` needs no lock, a rebirth can never interleave with data, and
 the order of a device's DDEATH relative to its readings is the order in which they happened.
 
 Decisions, and why:
@@ -21,8 +21,10 @@ Decisions, and why:
   outbox; that event is stamped with the outbox's last seq and turned into a DDEATH when
   the live lane has published up to it. The device's next readings bring a DBIRTH first.
 - **Datatypes.** A Modbus tag's datatype follows from its config. An OPC UA tag's is learned
-  from its first value; until then its DBIRTH announces it as a null String, and a value
-  that does not fit the datatype of the last DBIRTH triggers a new DBIRTH of its device.
+  from its first value; until then its DBIRTH announces it as a null String. A datatype
+  learned (or changed) since the device's last DBIRTH brings a new DBIRTH before the value.
+- **Primary host.** An offline STATE only sets a flag; the publishing task then sends the
+  NDEATH and reconnects between two messages, never inside a batch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,15 +100,18 @@ class BdSeqFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._last: int | None = None  # read from the file once, then counted here
         self._warned = False
 
     def next(self) -> int:
         """The bdSeq for the next CONNECT: one more than the last (0 after 255, and at first)."""
-        try:
-            last = int(self.path.read_text(encoding="ascii").strip())
-        except (OSError, ValueError):
-            last = -1
-        value = (last + 1) % 256 if 0 <= last <= 255 else 0
+        if self._last is None:
+            try:
+                self._last = int(self.path.read_text(encoding="ascii").strip())
+            except (OSError, ValueError):
+                self._last = -1
+        last = self._last
+        value = self._last = (last + 1) % 256 if 0 <= last <= 255 else 0
         try:
             # Written and synced before the CONNECT that uses it: a crash right after must
             # not hand out the same bdSeq again.
@@ -119,8 +123,8 @@ class BdSeqFile:
             tmp.replace(self.path)
         except OSError as exc:
             if not self._warned:
-                log.error("cannot save the Sparkplug bdSeq in %s: %s; it restarts at 0 after a restart",
-                          self.path, exc.strerror or exc)  # fmt: skip
+                log.error("cannot save the Sparkplug bdSeq in %s: %s; it counts on, but from 0 again "
+                          "after a restart", self.path, exc.strerror or exc)  # fmt: skip
                 self._warned = True
         return value
 
@@ -183,9 +187,9 @@ class SparkplugNode:
         self._birth_due = True
         self._generation = -1  # the connection the births went out on
         # Primary host: the newest STATE timestamp seen, and whether it said online.
-        self._state_ts: int | None = None
+        self._state_ts: float | None = None
         self._host_online = False
-        self._leaving: asyncio.Task[None] | None = None
+        self._leave_due = False  # the primary host went offline: NDEATH and reconnect
         self._warned: set[str] = set()
         self._wake = asyncio.Event()
 
@@ -235,6 +239,10 @@ class SparkplugNode:
         filters = [(self._ncmd_topic, 1), (self._dcmd_filter, 1)]
         if self._state_topic is not None:
             filters.insert(0, (self._state_topic, 1))
+        # A new session must see the host online again (its retained STATE comes right after
+        # the SUBACK): the broker may have lost or changed it meanwhile.
+        self._host_online = False
+        self._leave_due = False
         await self.connection.subscribe(filters)
         self._birth_due = True
         self._wake.set()
@@ -266,9 +274,9 @@ class SparkplugNode:
         try:
             doc = json.loads(data)
             online, ts = doc["online"], doc["timestamp"]
-            if not isinstance(online, bool) or not isinstance(ts, int):
-                raise TypeError("online must be a boolean and timestamp an integer")
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(online, bool) or not isinstance(ts, (int, float)) or isinstance(ts, bool):
+                raise TypeError("online must be a boolean and timestamp a number")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             self._warn_once("state", "STATE of primary host %s ignored: not valid (%s)", self._host, exc)
             return
         if self._state_ts is not None and ts < self._state_ts:
@@ -282,24 +290,26 @@ class SparkplugNode:
             self._wake.set()
             return
         was_online, self._host_online = self._host_online, False
-        if self._generation == self.connection.generation and not self._birth_due:
+        if self._generation == self.connection.generation:
+            # Births went out on this connection: end the session. The publishing task does
+            # it, between two messages, so the NDEATH never lands inside a batch.
             log.warning("primary host %s went offline: NDEATH, disconnecting; readings wait in the outbox",
                         self._host)  # fmt: skip
-            self._birth_due = True
-            self._leaving = asyncio.create_task(self._leave(), name="sparkplug reconnect")
+            self._leave_due = True
+            self._wake.set()
         elif was_online or self._generation == -1:
             log.info("waiting for primary host %s to come online", self._host)
 
     async def _leave(self) -> None:
+        self._leave_due = False
+        self._birth_due = True
+        self._generation = -1  # no more data on this connection
         final = [] if self._version == "5" else [self._ndeath()]
-        with suppress(BrokerUnavailable):  # lost anyway: the broker publishes the will
-            await self.connection.reconnect("primary host offline", final, with_will=True)
+        await self.connection.reconnect("primary host offline", final, with_will=True)
 
     async def close(self) -> None:
         """NDEATH, then DISCONNECT: MQTT 5 asks the broker to publish the will (reason 0x04);
         with 3.1.1 the node publishes the NDEATH itself first."""
-        if self._leaving is not None:
-            self._leaving.cancel()
         final = [] if self._version == "5" else [self._ndeath()]
         await self.connection.close(final, with_will=True)
 
@@ -311,7 +321,9 @@ class SparkplugNode:
             self._wake.clear()
             await self.connection.wait_connected()
             try:
-                if self._birth_due:
+                if self._leave_due:
+                    await self._leave()
+                elif self._birth_due:
                     if self._host is not None and not self._host_online:
                         await self._wake.wait()  # the STATE, or a new connection
                         continue
@@ -354,6 +366,8 @@ class SparkplugNode:
         live = await self._outbox.lease(self._batch, live=True)
         messages = self._live_messages(live, known, short=len(live) < self._batch)
         await self._deliver(live, messages)
+        if self._birth_due or self._leave_due:
+            return True  # a rebirth or a leave is waiting: no more data before it
         if not self._outbox.replaying:
             return bool(live) or bool(messages)
         history = await self._outbox.lease(self._batch)
@@ -393,7 +407,8 @@ class SparkplugNode:
                 self._flush(group, messages, historical=False)
                 self._died(downs.popleft()[1], messages)
                 remaining -= 1
-            if r.device not in self._born or self._needs_birth(r):
+            # _needs_birth first: it learns the datatype that the DBIRTH announces.
+            if self._needs_birth(r) or r.device not in self._born:
                 self._flush(group, messages, historical=False)
                 messages.append(self._dbirth(r.device, _now_ms()))
             group.setdefault(r.device, []).append(entry)
@@ -408,21 +423,23 @@ class SparkplugNode:
             messages.append(self._ddeath(device))
 
     def _history_messages(self, batch: Batch) -> list[Message]:
-        """Historical DDATA per device. History is published whatever the device's state now;
-        a metric unknown to the host still needs a DBIRTH first (and a dead device then its
-        DDEATH again)."""
+        """Historical DDATA per device, each after a DBIRTH where the host needs one (a new
+        metric or datatype). The history of a device that is down now goes out between a
+        DBIRTH and a DDEATH, so the host never gets data for a dead device."""
         messages: list[Message] = []
         group: dict[str, list[Entry]] = {}
+        revived: list[str] = []
         for entry in batch.entries:
             r = entry.reading
-            if self._needs_birth(r):
+            dead = r.device not in self._born
+            if self._needs_birth(r) or dead:
                 self._flush(group, messages, historical=True)
-                dead = r.device not in self._born
                 messages.append(self._dbirth(r.device, _now_ms()))
                 if dead:
-                    messages.append(self._ddeath(r.device))
+                    revived.append(r.device)
             group.setdefault(r.device, []).append(entry)
         self._flush(group, messages, historical=True)
+        messages.extend(self._ddeath(device) for device in revived)
         return messages
 
     def _flush(self, group: dict[str, list[Entry]], messages: list[Message], *, historical: bool) -> None:
@@ -440,11 +457,11 @@ class SparkplugNode:
                             "more): its metrics are added as they appear", r.device)  # fmt: skip
             self._add_metric(r.device, r.tag, datatype_of(r.value), r.unit)
             return True
-        if r.value is None:
-            return False
-        if spec.datatype is None or not fits(spec.datatype, r.value):
+        if r.value is not None and (spec.datatype is None or not fits(spec.datatype, r.value)):
             spec.datatype = datatype_of(r.value)
-        return spec.born is None or not fits(spec.born, r.value)
+        # A datatype learned since the last DBIRTH (a String placeholder until the first
+        # value came) needs announcing before a value of it goes out.
+        return spec.datatype is not None and spec.born != spec.datatype
 
     def _dbirth(self, device: str, now: int) -> Message:
         payload = Payload(timestamp=now, seq=self._next_seq())
