@@ -2,8 +2,9 @@
 and the readings of the outbox as DDATA.
 
 One task (`run`) publishes everything the node sends in a session, in order: NBIRTH, the
-DBIRTHs, DDATA, DDEATH, and the NDEATH of a session it ends. So `seq` needs no lock, a rebirth can never interleave with data, and
-the order of a device's DDEATH relative to its readings is the order in which they happened.
+DBIRTHs, DDATA, DDEATH, and the NDEATH of a session it ends. So `seq` needs no lock, a
+rebirth can never interleave with data, and the order of a device's DDEATH relative to its
+readings is the order in which they happened.
 
 Decisions, and why:
 
