@@ -142,7 +142,7 @@ def _sparkplug_parser(sub: Any) -> None:
         help="decode captured Sparkplug B payloads to JSON",
         description="Decode Sparkplug B payloads to JSON: raw payload files (one payload each; "
         "'-' or none: standard input), or with --hex lines of 'TOPIC HEX' as printed by "
-        "mosquitto_sub -v -t 'spBv1.0/#' -F '%%t %%x'. Datatypes announced by births in the same "
+        "mosquitto_sub -t 'spBv1.0/#' -F '%t %x'. Datatypes announced by births in the same "
         "input are used to decode later DATA messages (names for aliases, signed values).",
     )
     decode.add_argument("file", nargs="*", type=Path, help="raw payload file(s); default: standard input")
@@ -256,40 +256,54 @@ def _outbox_stats(file: Path, *, as_json: bool) -> int:
 
 
 def _sparkplug_decode(files: list[Path], *, hex_lines: bool, topic: str | None) -> int:
-    """One JSON document per payload on stdout; undecodable input is reported on stderr
-    (exit 1) and the rest still decoded."""
+    """One JSON document per payload on stdout, as each arrives; undecodable input is
+    reported on stderr (exit 1) and the rest still decoded."""
     from gateway.publishers.sparkplug.payload import Decoder
 
     decoder = Decoder()
     failed = False
-    sources = files or [Path("-")]
-    for source in sources:
+    for source in files or [Path("-")]:
         name = "standard input" if str(source) == "-" else str(source)
         try:
+            if hex_lines:
+                failed |= _decode_lines(decoder, source, name, topic)
+                continue
             data = sys.stdin.buffer.read() if str(source) == "-" else source.read_bytes()
         except OSError as exc:
             print(f"millwright: {name}: {exc.strerror or exc}", file=sys.stderr)
             failed = True
             continue
-        if not hex_lines:
-            try:
-                print(json.dumps(decoder.decode(data, topic), indent=2, ensure_ascii=False))
-            except ValueError as exc:
-                print(f"millwright: {name}: {exc}", file=sys.stderr)
-                failed = True
-            continue
-        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        try:
+            print(json.dumps(decoder.decode(data, topic), indent=2, ensure_ascii=False))
+        except ValueError as exc:
+            print(f"millwright: {name}: {exc}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+def _decode_lines(decoder: Any, source: Path, name: str, topic: str | None) -> bool:
+    """Decode `[TOPIC ]HEX` lines as they come (a live `mosquitto_sub` pipe); True if any failed.
+    A host's STATE message (JSON) is shown as it is."""
+    failed = False
+    stream = sys.stdin if str(source) == "-" else source.open(encoding="utf-8", errors="replace")
+    with stream:
+        for number, line in enumerate(stream, 1):
             if not line.strip():
                 continue
             where, _, text = line.strip().rpartition(" ")
+            where = where or topic or ""
             try:
-                doc = decoder.decode(bytes.fromhex(text), where or topic)
+                data = bytes.fromhex(text)
+                if where.startswith("spBv1.0/STATE/"):
+                    doc = {"topic": where, "state": json.loads(data)}
+                else:
+                    doc = decoder.decode(data, where or None)
             except ValueError as exc:
                 print(f"millwright: {name} line {number}: {exc}", file=sys.stderr)
                 failed = True
                 continue
             print(json.dumps(doc, ensure_ascii=False), flush=True)
-    return 1 if failed else 0
+    return failed
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -85,7 +85,8 @@ class MqttConnection:
         self.generation = 0
         # The will of the last attempt, and whether its CONNECT never went out (the socket or
         # TLS failed first): then the next attempt reuses it, so a Sparkplug bdSeq counts
-        # CONNECT packets, not attempts.
+        # CONNECT packets, not failed attempts. An attempt that timed out counts: its connect
+        # thread may still send the CONNECT.
         self._last_will: Message | None = None
         self._reuse_will = False
 

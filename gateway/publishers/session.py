@@ -91,6 +91,12 @@ class Session:
         sock = self.client.socket()
         if sock is None:
             raise BrokerUnavailable("the connection closed while opening")
+        if isinstance(sock, socket.socket):
+            # paho leaves Nagle on: a small packet after a QoS 0 publish (the delivery barrier,
+            # a PINGREQ) then waits for the broker's delayed ACK, 40 ms on Linux. Measured:
+            # barrier after QoS 0 publishes 40 ms -> 0.2 ms.
+            with suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = self.client
         c.on_connect, c.on_disconnect, c.on_publish = self._on_connect, self._on_disconnect, self._on_publish
         c.on_socket_close = self._on_socket_close

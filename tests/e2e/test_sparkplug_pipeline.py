@@ -5,6 +5,7 @@ Requirement ids are those of `shared/reference/sparkplug-3.0-requirements.txt`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ async def test_mqtt_311_stop_publishes_ndeath_before_disconnect(
     await host.received(lambda s: len(host.of("DDATA")) >= 2, timeout=20)
     assert await gateway.terminate() == 0, gateway.text()
     await host.received(lambda s: len(host.of("NDEATH")) == 1)
+    await asyncio.sleep(0.5)  # the process has exited: a second (the will) would be here by now
+    assert len(host.of("NDEATH")) == 1
     ndeath = host.of("NDEATH")[0]
     assert ndeath.bdseq == host.of("NBIRTH")[0].bdseq
     assert ndeath.qos == 1

@@ -7,6 +7,7 @@ Each test names the requirement ids of `shared/reference/sparkplug-3.0-requireme
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,10 +20,11 @@ import yaml
 from gateway.app import Gateway
 from gateway.config import parse
 from gateway.outbox import read_stats
+from gateway.publishers.sparkplug.sparkplug_b_pb2 import Payload
 from simulators.modbus import ModbusSimulator
 from simulators.opcua import OpcUaSimulator
 from tests.conftest import MakeMosquitto, Subscribe
-from tests.helpers import Mosquitto
+from tests.helpers import Mosquitto, eventually
 from tests.sparkplug_host import REBIRTH, Host, Spark, mismatched_values, seq_gaps
 
 GROUP, NODE = "plant1", "edge-sp"
@@ -97,7 +99,8 @@ async def test_session_births_data_and_death(
     payloads-metric-datatype-not-req, payloads-name-birth-data-requirement,
     payloads-sequence-num-incrementing (300+ messages, across the wrap),
     message-flow-edge-node-ncmd-subscribe (before the NBIRTH), payloads-ndeath-bdseq,
-    payloads-ndeath-seq, payloads-ndeath-will-message-publisher-disconnect-mqtt50."""
+    payloads-ndeath-seq, payloads-ndeath-will-message-publisher-disconnect-mqtt50,
+    principles-persistence-clean-session-50, payloads-dbirth-seq-inc, payloads-ddata-seq-inc."""
     broker = make_mosquitto("log_type all")
     h = host(broker)
     async with running(config(presses, broker, outbox, poll="20ms"), tmp_path / "c.yaml"):
@@ -136,9 +139,11 @@ async def test_session_births_data_and_death(
     assert any(s.seq == 255 for s in sparks)
     assert any(s.seq == 0 and s.kind == "DDATA" for s in sparks)
 
-    # The node subscribed to its commands before its NBIRTH.
+    # A clean session (MQTT 5: clean start; no session expiry property means 0), and the
+    # node subscribed to its commands before its NBIRTH.
     log = broker.log_text()
     client = f"millwright-{NODE}"
+    assert f"as {client} (p5, c1," in log
     subscribed = log.index(f"Received SUBSCRIBE from {client}")
     assert f"spBv1.0/{GROUP}/NCMD/{NODE} (QoS 1)" in log[subscribed:]
     assert subscribed < log.index(f"Received PUBLISH from {client}")
@@ -158,8 +163,9 @@ async def test_rebirth_on_ncmd(
     presses: list[ModbusSimulator], mosquitto: Mosquitto, host: Any, outbox: Path, tmp_path: Path
 ) -> None:
     """operational-behavior-data-commands-rebirth-action-1..3, topics-nbirth-seq-num,
-    payloads-nbirth-bdseq-repeat, payloads-dbirth-order: an NCMD Rebirth brings a new NBIRTH
-    (seq 0, the same bdSeq) and every DBIRTH before any more DDATA."""
+    payloads-nbirth-bdseq-repeat, payloads-dbirth-order, payloads-alias-uniqueness,
+    payloads-alias-birth-requirement, payloads-alias-data-cmd-requirement: an NCMD Rebirth brings a
+    new NBIRTH (seq 0, the same bdSeq) and every DBIRTH before any more DDATA."""
     h = host(mosquitto)
     async with running(config(presses, mosquitto, outbox, aliases=True), tmp_path / "c.yaml"):
         await h.received(lambda s: len(s) >= 10)
@@ -211,8 +217,9 @@ async def test_device_death_and_return(
 
 
 async def test_primary_host_wait_offline_and_historical_replay(
-    presses: list[ModbusSimulator], mosquitto: Mosquitto, host: Any, outbox: Path, tmp_path: Path
-) -> None:
+    presses: list[ModbusSimulator], make_mosquitto: MakeMosquitto, host: Any, outbox: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     """message-flow-edge-node-birth-publish-phid-wait, -phid-wait-id, -phid-wait-online,
     -phid-wait-timestamp, operational-behavior-edge-node-birth-sequence-wait,
     message-flow-edge-node-birth-publish-phid-offline,
@@ -220,40 +227,63 @@ async def test_primary_host_wait_offline_and_historical_replay(
     operational-behavior-edge-node-termination-host-offline-timestamp, topics-nbirth-bdseq-increment:
     no births until the primary host is online; NDEATH and a new session when it goes offline;
     the readings made meanwhile are replayed as historical DDATA, none lost."""
-    h = host(mosquitto)
+    caplog.set_level(logging.DEBUG, logger="gateway.publishers.sparkplug")
+    broker = make_mosquitto("log_type all")
+    h = host(broker)
     t0 = int(time.time() * 1000)
     h.state(online=False, timestamp=t0)
-    text = config(presses, mosquitto, outbox, primary_host_id="scada", poll="100ms")
+    text = config(presses, broker, outbox, primary_host_id="scada", poll="100ms")
+    client = f"millwright-{NODE}"
+
+    def state_delivered(count: int) -> Callable[[], bool]:
+        def check() -> bool:
+            lines = broker.log_text().splitlines()
+            sent = [x for x in lines if f"Sending PUBLISH to {client}" in x and "'spBv1.0/STATE/scada'" in x]
+            return len(sent) >= count
+
+        return check
+
     async with running(text, tmp_path / "c.yaml"):
-        await asyncio.sleep(1.5)
+        await eventually(state_delivered(1), timeout=10, what="the retained offline STATE reached the node")
+        await asyncio.sleep(0.3)
         assert h.sparks == [], "published before the primary host was online"
         h.publish("spBv1.0/STATE/other-host", b'{"online": true, "timestamp": 1}', qos=1, retain=True)
         h.publish("spBv1.0/STATE/scada", b"[" * 100_000, qos=1)  # not a STATE: ignored, logged
-        h.publish("spBv1.0/STATE/scada", b'{"online": "yes", "timestamp": 5}', qos=1)
+        h.publish("spBv1.0/STATE/scada", b'{"online": true, "timestamp": NaN}', qos=1)
+        await eventually(state_delivered(3), timeout=10, what="the invalid STATEs reached the node")
+        await eventually(lambda: "STATE of primary host scada ignored" in caplog.text)
         await asyncio.sleep(0.3)
         assert h.sparks == [], "births for another host's STATE, or for an invalid one"
+
         h.state(online=True, timestamp=t0 + 1)
         await h.received(lambda s: any(m.is_historical for x in h.of("DDATA") for m in x.payload.metrics))
         first = h.of("NBIRTH")[0]
-        # An offline STATE older than the online one is ignored.
+        # An offline STATE older than the last online one is ignored.
         h.state(online=False, timestamp=t0)
+        await eventually(lambda: "older STATE of scada ignored" in caplog.text)
         h.state(online=True, timestamp=t0 + 1)
-        await asyncio.sleep(0.5)
+        await h.received(lambda s: len(h.of("DDATA")) >= 10)
         assert h.of("NDEATH") == []
+
         h.state(online=False, timestamp=t0 + 2)
         await h.received(lambda s: len(h.of("NDEATH")) == 1)
-        await asyncio.sleep(1.0)  # offline: readings wait in the outbox
+        # Offline: readings wait in the outbox, and the node in a new session, without births.
+        await eventually(lambda: read_stats(outbox).depth >= 40, timeout=10, what="a backlog")
         assert len(h.of("NBIRTH")) == 1
+        waiting = read_stats(outbox).depth
         h.state(online=True, timestamp=t0 + 3)
         await h.received(lambda s: len(h.of("NBIRTH")) == 2)
-        await asyncio.sleep(1.0)
+
+        def replayed(sparks: list[Spark]) -> list[Payload.Metric]:
+            after = sparks[sparks.index(h.of("NBIRTH")[1]) :]
+            return [m for s in after if s.kind == "DDATA" for m in s.payload.metrics if m.is_historical]
+
+        await h.received(lambda s: len(replayed(s)) >= waiting)
     sparks = await h.received(lambda s: s[-1].kind == "NDEATH")
     assert h.of("NDEATH")[0].bdseq == first.bdseq
     assert h.of("NBIRTH")[1].bdseq == (first.bdseq + 1) % 256
-    second = sparks.index(h.of("NBIRTH")[1])
-    history = [m for s in sparks[second:] if s.kind == "DDATA" for m in s.payload.metrics if m.is_historical]
-    assert len(history) >= 2 * len(TAGS) * 5  # ~1 s offline, two devices at 100 ms
     assert seq_gaps(sparks) == []
+    assert mismatched_values(sparks) == []
     assert_all_delivered(sparks, outbox)
 
 
@@ -337,6 +367,12 @@ async def test_opcua_datatypes_are_learned_and_announced(
     sparks = await h.received(lambda s: s[-1].kind == "NDEATH")
     assert mismatched_values(sparks) == []
     assert seq_gaps(sparks) == []
-    last_birth = [s for s in sparks if s.kind == "DBIRTH"][-1]
-    speed = last_birth.metric("speed")
-    assert speed.WhichOneof("value") in ("double_value", None)
+    # The first DBIRTH, before any value: placeholders. Then a rebirth with the datatypes,
+    # and the values in the fields those prescribe.
+    first_birth = next(s for s in sparks if s.kind == "DBIRTH")
+    if all(m.is_null for m in first_birth.payload.metrics):
+        assert {m.datatype for m in first_birth.payload.metrics} == {12}
+        assert len(h.of("NBIRTH")) == 2
+    speeds = [m for s in sparks if s.kind == "DDATA" for m in s.payload.metrics if m.name == "speed"]
+    assert speeds
+    assert all(m.WhichOneof("value") == "double_value" for m in speeds if not m.is_null)

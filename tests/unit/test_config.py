@@ -253,6 +253,8 @@ def test_sparkplug_settings_and_default_edge_node_id() -> None:
     ],
 )  # fmt: skip
 def test_sparkplug_config_errors_name_the_key(mqtt: dict[str, object], where: str, says: str) -> None:
+    """topic-structure-namespace-valid-group-id, -valid-edge-node-id (and the device ids, which
+    are checked like every name): no + / or # in a Sparkplug id."""
     with pytest.raises(ConfigError) as err:
         config.parse(_with("mqtt", {"url": "mqtt://127.0.0.1:1883", **mqtt}), "gw.yaml")
     assert any(p.startswith(f"{where}:") and says in p for p in err.value.problems), err.value.problems
