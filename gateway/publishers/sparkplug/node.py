@@ -165,7 +165,6 @@ class SparkplugNode:
         self._aliases = sparkplug.aliases
         self._host = sparkplug.primary_host_id
         group, node = sparkplug.group_id, edge_node_id
-        self.topic_prefix = f"{NAMESPACE}/{group}"
         self._nbirth_topic = f"{NAMESPACE}/{group}/NBIRTH/{node}"
         self._ndeath_topic = f"{NAMESPACE}/{group}/NDEATH/{node}"
         self._ncmd_topic = f"{NAMESPACE}/{group}/NCMD/{node}"

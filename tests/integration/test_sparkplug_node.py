@@ -1,0 +1,175 @@
+"""The edge node's decisions, driven reading by reading: a real outbox, a real mosquitto and the
+test host, with the readings handed to the node as the pollers would.
+
+Requirement ids are those of `shared/reference/sparkplug-3.0-requirements.txt`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.app import cancel
+from gateway.config import MqttSettings, SparkplugSettings
+from gateway.model import Quality, Reading, Status, Value
+from gateway.outbox import Outbox
+from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode
+from gateway.publishers.sparkplug.payload import DataType
+from tests.conftest import MakeMosquitto, Subscribe
+from tests.helpers import Mosquitto
+from tests.sparkplug_host import Host, Spark, mismatched_values, seq_gaps
+
+
+def reading(device: str, tag: str, value: Value, at: float | None = None) -> Reading:
+    quality = Quality.GOOD if value is not None else Quality.BAD
+    status = Status.GOOD if value is not None else Status.BAD_COMMUNICATION_ERROR
+    return Reading(device, tag, value, quality, status, None, at if at is not None else time.time())
+
+
+class Node:
+    """A node and its two tasks (connection, publishing), stopped cleanly by `stop()`."""
+
+    def __init__(self, node: SparkplugNode) -> None:
+        self.node = node
+        self.tasks = [
+            asyncio.create_task(node.connection.run(), name="mqtt"),
+            asyncio.create_task(node.run(), name="sparkplug"),
+        ]
+
+    async def stop(self) -> None:
+        await cancel(self.tasks[1:])
+        await self.node.close()
+        await cancel(self.tasks[:1])
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    box = await Outbox.open(tmp_path / "outbox.db")
+    yield box
+    await box.close()
+
+
+def make_node(
+    broker: Mosquitto, outbox: Outbox, tmp_path: Path, *, host: str | None = None, opcua: bool = False
+) -> SparkplugNode:
+    mqtt = MqttSettings(url=broker.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g"))
+    datatype = None if opcua else DataType.DOUBLE
+    return SparkplugNode(
+        mqtt,
+        SparkplugSettings(group_id="g", primary_host_id=host),
+        outbox,
+        edge_node_id="n",
+        devices={"m1": [("t", datatype, "Cel")], "m2": [("t", datatype, None)]},
+        bdseq=BdSeqFile(tmp_path / "bdseq"),
+        client_id="node-under-test",
+    )
+
+
+def device(sparks: list[Spark], name: str) -> list[str]:
+    return [s.kind for s in sparks if s.device == name]
+
+
+async def test_history_of_a_dead_device_goes_between_dbirth_and_ddeath(
+    mosquitto: Mosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """operational-behavior-device-ddeath, payloads-dbirth-order: readings buffered while the
+    broker was away, of a device that is down now, replay as history without the host ever
+    getting data for a dead device."""
+    # Buffered before the node ever connected: m1 had readings, then went down.
+    node = make_node(mosquitto, outbox, tmp_path)
+    await node.append([reading("m1", "t", 1.0), reading("m2", "t", 2.0)])
+    await node.append([reading("m1", "t", None)])
+    node.device_down("m1")
+    h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
+    running = Node(node)
+    try:
+        sparks = await h.received(lambda s: device(s, "m1").count("DDEATH") == 2)
+        await node.append([reading("m2", "t", 3.0)])
+        sparks = await h.received(lambda s: device(s, "m2")[-1:] == ["DDATA"] and len(h.of("DDATA")) >= 3)
+    finally:
+        await running.stop()
+    # Births: m1 down at birth -> DBIRTH, DDEATH. Its history: DBIRTH, DDATA, DDEATH.
+    assert device(sparks, "m1") == ["DBIRTH", "DDEATH", "DBIRTH", "DDATA", "DDEATH"]
+    history = next(s for s in sparks if s.device == "m1" and s.kind == "DDATA")
+    assert [m.is_historical for m in history.payload.metrics] == [True, True]
+    assert [m.double_value for m in history.payload.metrics if not m.is_null] == [1.0]
+    assert seq_gaps(sparks) == []
+
+
+async def test_a_learned_datatype_brings_a_rebirth_before_the_value(
+    make_mosquitto: MakeMosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """topics-dbirth-metric-reqs, operational-behavior-data-publish-dbirth, payloads-metric-datatype-req:
+    an OPC UA tag's datatype is unknown until its first value; the births announce a null
+    String, and the first value makes the node rebirth with the real datatype before it is
+    published. A historical value that does not fit is sent as null, with no rebirth."""
+    # The host's session outlives a broker restart (see the end of the test).
+    mosquitto = make_mosquitto(
+        "persistence true", f"persistence_location {tmp_path}/", "queue_qos0_messages true"
+    )
+    h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#", client_id="scada", persistent=True))
+    node = make_node(mosquitto, outbox, tmp_path, opcua=True)
+    running = Node(node)
+    try:
+        await h.received(lambda s: len(h.of("DBIRTH")) == 2)
+        first = h.of("DBIRTH")[0].metric("t")
+        assert (first.datatype, first.is_null) == (DataType.STRING, True)
+        await node.append([reading("m1", "t", 21.5)])
+        sparks = await h.received(lambda s: len(h.of("DDATA")) == 1)
+        assert len(h.of("NBIRTH")) == 2
+        reborn = [s for s in sparks if s.kind == "DBIRTH" and s.device == "m1"][-1].metric("t")
+        assert reborn.datatype == DataType.DOUBLE
+        assert h.of("DDATA")[0].payload.metrics[0].double_value == 21.5
+        # A live value of another type: another rebirth.
+        await node.append([reading("m1", "t", True)])
+        await h.received(lambda s: len(h.of("NBIRTH")) == 3 and len(h.of("DDATA")) == 2)
+        # An old value of another type (made while the broker was away, so history in the
+        # next session): null, and no rebirth for it.
+        mosquitto.stop()
+        await node.append([reading("m1", "t", 7.5)])
+        mosquitto.start()
+        await h.received(lambda s: len(h.of("NBIRTH")) == 4 and len(h.of("DDATA")) == 3, timeout=20)
+        await node.append([reading("m1", "t", False)])
+        await h.received(lambda s: len(h.of("DDATA")) == 4)
+    finally:
+        await running.stop()
+    sparks = h.sparks
+    assert len(h.of("NBIRTH")) == 4
+    old = h.of("DDATA")[2].payload.metrics[0]
+    assert (old.is_historical, old.is_null) == (True, True)
+    assert h.of("DDATA")[3].payload.metrics[0].WhichOneof("value") == "boolean_value"
+    assert mismatched_values(sparks) == []
+    assert seq_gaps(sparks) == []
+
+
+async def test_offline_state_during_a_pending_rebirth_still_ends_the_session(
+    mosquitto: Mosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """message-flow-edge-node-birth-publish-phid-offline: an offline STATE must end the session
+    even while a rebirth is pending (asked for by NCMD and not yet sent)."""
+    h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
+    t0 = int(time.time() * 1000)
+    h.state(online=True, timestamp=t0)
+    node = make_node(mosquitto, outbox, tmp_path, host="scada")
+    running = Node(node)
+    try:
+        await h.received(lambda s: len(h.of("DBIRTH")) == 2)
+        # Both arrive back to back; the rebirth is still pending when the STATE is handled.
+        h.rebirth("g", "n", t0 + 1)
+        h.state(online=False, timestamp=t0 + 2)
+        await h.received(lambda s: len(h.of("NDEATH")) == 1)
+        await node.append([reading("m1", "t", 1.0)])
+        await asyncio.sleep(0.5)
+        assert h.of("DDATA") == []  # offline: the reading waits
+        h.state(online=True, timestamp=t0 + 3)
+        await h.received(lambda s: len(h.of("DDATA")) == 1)
+    finally:
+        await running.stop()
+    sparks = h.sparks
+    assert h.of("NBIRTH")[-1].bdseq == h.of("NDEATH")[0].bdseq + 1
+    assert h.of("DDATA")[0].payload.metrics[0].is_historical
+    assert seq_gaps(sparks) == []
