@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from gateway.model import AssetPath
 from gateway.outbox import Outbox
 from gateway.poller import Sink, poll
 from gateway.publishers.mqtt import MqttConnection
-from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode, metric_types
+from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode, TypeHint, metric_types
 from gateway.publishers.uns import connect_uns
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ class _Output:
 
 def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collector]]) -> _Output:
     if s.mqtt.sparkplug is not None:
-        node = sparkplug_node(s, outbox)
+        hints = {c.name: c.value_type for _, c in collectors if isinstance(c, OpcUaCollector)}
+        node = sparkplug_node(s, outbox, hints)
         return _Output(node.connection, node.run(), node.close, node.append, node.device_down)
     described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
         device.name: (s.asset(device), collector.describe()) for device, collector in collectors
@@ -142,7 +143,9 @@ def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collecto
     return _Output(connection, fwd, publisher.close, outbox.append, None)
 
 
-def sparkplug_node(settings: Settings, outbox: Outbox) -> SparkplugNode:
+def sparkplug_node(
+    settings: Settings, outbox: Outbox, type_hints: Mapping[str, TypeHint] | None = None
+) -> SparkplugNode:
     """The Sparkplug B edge node of this configuration; its bdSeq is kept beside the outbox."""
     s = settings
     assert s.mqtt.sparkplug is not None
@@ -154,6 +157,7 @@ def sparkplug_node(settings: Settings, outbox: Outbox) -> SparkplugNode:
         devices={device.name: metric_types(device) for device in s.devices},
         bdseq=BdSeqFile(bdseq_path(s)),
         client_id=s.mqtt.client_id or f"millwright-{s.gateway.id}",
+        type_hints=type_hints,
     )
 
 

@@ -111,7 +111,7 @@ def seq_gaps(sparks: list[Spark]) -> list[tuple[int, int]]:
 _FIELDS = {
     1: "int_value", 2: "int_value", 3: "int_value", 5: "int_value", 6: "int_value", 7: "int_value",
     4: "long_value", 8: "long_value", 13: "long_value", 9: "float_value", 10: "double_value",
-    11: "boolean_value", 12: "string_value", 14: "string_value",
+    11: "boolean_value", 12: "string_value", 14: "string_value", 17: "bytes_value",
 }  # fmt: skip
 
 

@@ -334,17 +334,21 @@ async def test_opcua_datatypes_are_learned_and_announced(
     mosquitto: Mosquitto, host: Any, outbox: Path, tmp_path: Path
 ) -> None:
     """topics-dbirth-metrics, payloads-metric-datatype-req, operational-behavior-data-publish-dbirth-values:
-    an OPC UA tag's datatype is not known before its first value; the node announces it (a new
-    DBIRTH) before any DDATA carries a value of that type, and never sends a value in a field
-    its last DBIRTH did not announce."""
+    an OPC UA tag's datatype is not known before its first value; the node announces the OPC UA
+    type (Int8, UInt8, Int16, UInt32, DateTime...) in a rebirth before any DDATA carries a value
+    of it, and never sends a value in a field its last DBIRTH did not announce."""
     h = host(mosquitto)
     ns = "nsu=urn:millwright:simulator;"
+    # The OPC UA built-in type of each node (simulators/OPCUA.md) and its Sparkplug datatype.
     tags = {
         "speed": ("s=CNC1.Spindle.Speed", 10),  # Double
         "program": ("s=CNC1.Program.Name", 12),  # String
-        "parts": ("s=CNC1.PartCount", 4),  # UInt32 arrives as a Python int: Int64
+        "parts": ("s=CNC1.PartCount", 7),  # UInt32
         "alarm": ("s=CNC1.Alarm", 11),  # Boolean
-        "started": ("s=CNC1.CycleStart", 12),  # DateTime: ISO text
+        "started": ("s=CNC1.CycleStart", 13),  # DateTime
+        "tool": ("s=CNC1.ToolNumber", 5),  # Byte: UInt8
+        "direction": ("s=CNC1.Spindle.Direction", 1),  # SByte: Int8
+        "feed": ("s=CNC1.FeedOverride", 2),  # Int16
     }
     async with OpcUaSimulator(port=0, seed=3, pki_dir=tmp_path / "server-pki") as sim:
         doc = yaml.safe_load(config([], mosquitto, outbox))
@@ -376,3 +380,6 @@ async def test_opcua_datatypes_are_learned_and_announced(
     speeds = [m for s in sparks if s.kind == "DDATA" for m in s.payload.metrics if m.name == "speed"]
     assert speeds
     assert all(m.WhichOneof("value") == "double_value" for m in speeds if not m.is_null)
+    started = [s for s in sparks if s.kind == "DBIRTH"][-1].metric("started")
+    if not started.is_null:  # a DateTime: ms since the epoch, around now
+        assert abs(started.long_value - time.time() * 1000) < 86_400_000

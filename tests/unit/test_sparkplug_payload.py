@@ -225,3 +225,20 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     subprocess.run([protoc(), "--python_out=.", "--pyi_out=.", "sparkplug_b.proto"], cwd=tmp_path, check=True)
     for name in ("sparkplug_b_pb2.py", "sparkplug_b_pb2.pyi"):
         assert (tmp_path / name).read_text() == (PROTO_DIR / name).read_text(), f"{name} is stale: make proto"
+
+
+def test_datetime_and_bytes_from_their_text_forms() -> None:
+    """OPC UA DateTime and ByteString values reach the publisher as ISO 8601 and base64 text."""
+    m = Metric()
+    assert fits(DataType.DATETIME, "2026-11-24T12:00:00.123Z")
+    set_value(m, DataType.DATETIME, "2026-11-24T12:00:00.123Z")
+    assert m.long_value == 1_795_521_600_123  # date -u -d 2026-11-24T12:00:00Z +%s, in ms
+    assert get_value(m, DataType.DATETIME) == "2026-11-24T12:00:00.123Z"
+    m = Metric()
+    assert fits(DataType.BYTES, "AQID")
+    set_value(m, DataType.BYTES, "AQID")
+    assert m.bytes_value == b"\x01\x02\x03"
+    assert get_value(m, DataType.BYTES) == "AQID"
+    assert not fits(DataType.DATETIME, "yesterday")
+    assert not fits(DataType.BYTES, "not base64!")
+    assert not fits(DataType.DATETIME, 5)

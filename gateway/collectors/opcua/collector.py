@@ -74,6 +74,7 @@ class _Tag:
     node: ua.NodeId | None = None  # None: its namespace URI is not on the server (yet)
     item: int | None = None  # the server's MonitoredItemId, while monitored
     filtered: bool = True  # whether to ask the server for the deadband filter
+    variant: str | None = None  # the built-in type of its last value: "Int16", "Double[]"
 
     @property
     def name(self) -> str:
@@ -117,6 +118,15 @@ class OpcUaCollector:
         self._vanished: set[int] = set()  # handles whose node disappeared while monitored
         self._missing: dict[int, int] = {}  # handle -> status reported for it, while not monitored
         self._retry_at = 0.0  # monotonic time of the next attempt at missing tags
+
+    def value_type(self, tag: str) -> str | None:
+        """The OPC UA built-in type of the tag's last value (`Int16`, `DateTime`; `Double[]`
+        for an array), or None before the first value. For publishers that type metrics
+        (Sparkplug B): the JSON value alone does not tell Int16 from Int64."""
+        for t in self._tags:
+            if t.name == tag:
+                return t.variant
+        return None
 
     @property
     def monitored(self) -> int:
@@ -268,7 +278,9 @@ class OpcUaCollector:
             if tag.node is None:
                 readings.append(bad(self.name, tag.name, UNKNOWN, now, tag.config.unit))
             else:
-                readings.append(reading(self.name, tag.name, tag.config.unit, next(results), now))
+                dv = next(results)
+                _note_variant(tag, dv)
+                readings.append(reading(self.name, tag.name, tag.config.unit, dv, now))
         return readings
 
     # -- subscribe mode -----------------------------------------------------------------
@@ -307,6 +319,7 @@ class OpcUaCollector:
                     if handle >= len(tags):
                         continue
                     tag = tags[handle]
+                    _note_variant(tag, item.Value)
                     r = reading(name, tag.name, tag.config.unit, item.Value, now)
                     if r.status == UNKNOWN:
                         self._vanished.add(handle)
@@ -424,3 +437,9 @@ def _limit(value: ua.DataValue) -> int:
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:300] + "..."
+
+
+def _note_variant(tag: _Tag, dv: ua.DataValue) -> None:
+    variant = dv.Value
+    if variant is not None and variant.VariantType is not ua.VariantType.Null:
+        tag.variant = variant.VariantType.name + ("[]" if variant.is_array else "")

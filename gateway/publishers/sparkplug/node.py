@@ -37,7 +37,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,7 @@ from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice
 from gateway.config import MqttSettings, SparkplugSettings
 from gateway.errors import BrokerUnavailable
-from gateway.model import Batch, Entry, Quality, Reading, Status
+from gateway.model import Batch, Entry, Quality, Reading, Status, Value
 from gateway.outbox import Outbox
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
@@ -76,6 +76,20 @@ _MODBUS_TYPES = {
     "uint64": DataType.UINT64, "float32": DataType.FLOAT, "float64": DataType.DOUBLE,
     "string": DataType.STRING,
 }  # fmt: skip
+
+
+# OPC UA built-in types with a Sparkplug datatype of their own; the others (LocalizedText,
+# Guid, arrays, ...) travel as String, in the text form the collector gives them.
+_OPCUA_TYPES = {
+    "Boolean": DataType.BOOLEAN, "SByte": DataType.INT8, "Byte": DataType.UINT8,
+    "Int16": DataType.INT16, "UInt16": DataType.UINT16, "Int32": DataType.INT32,
+    "UInt32": DataType.UINT32, "Int64": DataType.INT64, "UInt64": DataType.UINT64,
+    "Float": DataType.FLOAT, "Double": DataType.DOUBLE, "String": DataType.STRING,
+    "DateTime": DataType.DATETIME, "ByteString": DataType.BYTES,
+}  # fmt: skip
+
+TypeHint = Callable[[str], str | None]
+"""tag -> the OPC UA built-in type of its last value (OpcUaCollector.value_type)."""
 
 
 @dataclass(slots=True)
@@ -158,8 +172,10 @@ class SparkplugNode:
         devices: Mapping[str, Sequence[tuple[str, DataType | None, str | None]]],
         bdseq: BdSeqFile,
         client_id: str,
+        type_hints: Mapping[str, TypeHint] | None = None,
     ) -> None:
         self._outbox = outbox
+        self._hints = dict(type_hints or {})
         self._batch = mqtt.batch
         self._version = mqtt.version
         self._aliases = sparkplug.aliases
@@ -486,8 +502,17 @@ class SparkplugNode:
         if value is not None and (
             spec.datatype is None or (not historical and not fits(spec.datatype, value))
         ):
-            spec.datatype = datatype_of(value)
+            spec.datatype = self._infer(r.device, r.tag, value)
         return spec.datatype is not None and spec.born != spec.datatype
+
+    def _infer(self, device: str, tag: str, value: Value) -> DataType | None:
+        """The datatype of a metric not typed by config: the OPC UA type of its value where
+        the collector knows it and it has a Sparkplug datatype, else from the value."""
+        hint = self._hints.get(device)
+        datatype = _OPCUA_TYPES.get(hint(tag) or "") if hint is not None else None
+        if datatype is not None and fits(datatype, value):
+            return datatype
+        return datatype_of(value)
 
     def _dbirth(self, device: str, now: int) -> Message:
         payload = Payload(timestamp=now, seq=self._next_seq())
@@ -495,7 +520,7 @@ class SparkplugNode:
         for tag, spec in self._metrics[device].items():
             r = values.get(tag)
             if spec.datatype is None and r is not None:
-                spec.datatype = datatype_of(r.value)
+                spec.datatype = self._infer(device, tag, r.value)
             # Not known yet (no value seen): announced as a null String; the first value
             # that is not a string brings a new DBIRTH with its datatype.
             spec.born = spec.datatype or DataType.STRING

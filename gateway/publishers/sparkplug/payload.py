@@ -118,11 +118,16 @@ def fits(datatype: DataType, value: Value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if datatype is DataType.BOOLEAN:
         return isinstance(value, bool)
+    if datatype is DataType.DATETIME:
+        return isinstance(value, str) and _epoch_ms(value) is not None
+    if datatype is DataType.BYTES:
+        return isinstance(value, str) and _unbase64(value) is not None
     return datatype in _STRINGS  # anything has a text form (lists as JSON)
 
 
 def set_value(metric: Metric, datatype: DataType, value: Value) -> None:
-    """Put `value` into the field its datatype prescribes; None sets `is_null`.
+    """Put `value` into the field its datatype prescribes; None sets `is_null`. A DateTime
+    comes as ISO 8601 text and a Bytes value as base64 text (their form in a Reading).
 
     The caller checked `fits(datatype, value)`."""
     if value is None:
@@ -142,6 +147,12 @@ def set_value(metric: Metric, datatype: DataType, value: Value) -> None:
         metric.double_value = value
     elif datatype is DataType.BOOLEAN:
         metric.boolean_value = bool(value)
+    elif datatype is DataType.DATETIME:
+        assert isinstance(value, str)
+        metric.long_value = _epoch_ms(value) or 0
+    elif datatype is DataType.BYTES:
+        assert isinstance(value, str)
+        metric.bytes_value = _unbase64(value) or b""
     else:
         metric.string_value = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
@@ -171,6 +182,26 @@ def get_value(metric: Metric, datatype: int | None) -> Any:
     if isinstance(raw, float) and not math.isfinite(raw):
         return str(raw)  # JSON has no NaN or infinity
     return raw
+
+
+def _epoch_ms(text: str) -> int | None:
+    """An ISO 8601 time (as OPC UA DateTime values are carried) as ms since the epoch, UTC."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    ms = round(moment.timestamp() * 1000)
+    return ms if ms >= 0 else None  # long_value is unsigned
+
+
+def _unbase64(text: str) -> bytes | None:
+    """Base64 text (as OPC UA ByteStrings are carried) as bytes."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
 
 
 def quality_code(quality: Quality) -> int:
