@@ -285,8 +285,9 @@ def _decode_lines(decoder: Any, source: Path, name: str, topic: str | None) -> b
     """Decode `[TOPIC ]HEX` lines as they come (a live `mosquitto_sub` pipe); True if any failed.
     A host's STATE message (JSON) is shown as it is."""
     failed = False
-    stream = sys.stdin if str(source) == "-" else source.open(encoding="utf-8", errors="replace")
-    with stream:
+    stdin = str(source) == "-"
+    stream = sys.stdin if stdin else source.open(encoding="utf-8", errors="replace")
+    try:
         for number, line in enumerate(stream, 1):
             if not line.strip():
                 continue
@@ -303,6 +304,9 @@ def _decode_lines(decoder: Any, source: Path, name: str, topic: str | None) -> b
                 failed = True
                 continue
             print(json.dumps(doc, ensure_ascii=False), flush=True)
+    finally:
+        if not stdin:
+            stream.close()
     return failed
 
 

@@ -75,6 +75,7 @@ _INSERT = (
 _COLUMNS = "SELECT seq, device, tag, value, quality, status, source_time, read_time, unit FROM reading"
 _LEASE = f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?"
 _LEASE_UPTO = f"{_COLUMNS} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
+_NEWEST = f"{_COLUMNS} WHERE seq IN (SELECT max(seq) FROM reading GROUP BY device, tag) ORDER BY seq"
 _ACK = "DELETE FROM reading WHERE seq BETWEEN ? AND ?"
 _DROP_OLDEST = "DELETE FROM reading WHERE seq IN (SELECT seq FROM reading ORDER BY seq LIMIT ?)"
 _ADD_DROPPED = "UPDATE meta SET value = value + ? WHERE key = 'dropped'"
@@ -327,6 +328,20 @@ class Outbox:
             if self._split is None and (len(entries) < n or self._cursor >= self._last_seq):
                 self._ready.clear()
             return Batch(entries)
+
+    async def newest(self) -> list[Reading]:
+        """The newest stored reading of each (device, tag), oldest first: what a publisher that
+        announces current values (Sparkplug births) knows after a restart. Reads every row."""
+        async with self._lock:
+            try:
+                rows = await self._db.execute_fetchall(_NEWEST)
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: cannot read: {exc}") from exc
+        return [
+            Reading(device, tag, None if value is None else _decode(value), _QUALITIES[quality], status,
+                    source_time, read_time, unit)
+            for _, device, tag, value, quality, status, source_time, read_time, unit in rows
+        ]  # fmt: skip
 
     async def wait(self) -> None:
         """Return when there are unleased rows (at once if there are)."""

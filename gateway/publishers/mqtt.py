@@ -52,7 +52,7 @@ class MqttConnection:
     after each successful connect, before `wait_connected()` returns and before
     `publish_many` accepts data: the UNS publisher uses it to publish its retained status
     and `_meta` messages first, the Sparkplug node to subscribe. `on_message` receives the
-    messages of those subscriptions.
+    messages of those subscriptions. `nodelay` turns Nagle off (see `Session.attach`).
     """
 
     def __init__(
@@ -63,8 +63,10 @@ class MqttConnection:
         will: Message | Callable[[], Message] | None = None,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         on_message: OnMessage | None = None,
+        nodelay: bool = False,
     ) -> None:
         self._settings = settings
+        self._nodelay = nodelay
         self._client_id = client_id if client_id is not None else (settings.client_id or "")
         self._will = will
         self._on_connect = on_connect
@@ -191,7 +193,11 @@ class MqttConnection:
     async def _establish(self) -> Session:
         """One attempt: socket, TLS, CONNACK and the on_connect hook, within connect_timeout."""
         session = Session(
-            asyncio.get_running_loop(), self._client(), self._settings.max_inflight, self._on_message
+            asyncio.get_running_loop(),
+            self._client(),
+            self._settings.max_inflight,
+            self._on_message,
+            nodelay=self._nodelay,
         )
         self._session = session
         timeout = self._settings.connect_timeout

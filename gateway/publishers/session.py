@@ -68,10 +68,13 @@ class Session:
         client: paho.Client,
         max_inflight: int,
         on_message: OnMessage | None = None,
+        *,
+        nodelay: bool = False,
     ) -> None:
         self.loop = loop
         self.client = client
         self.on_message = on_message
+        self.nodelay = nodelay
         # SUBACKs and UNSUBACKs awaited, by message id.
         self.acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self.max_inflight = max_inflight
@@ -91,10 +94,11 @@ class Session:
         sock = self.client.socket()
         if sock is None:
             raise BrokerUnavailable("the connection closed while opening")
-        if isinstance(sock, socket.socket):
-            # paho leaves Nagle on: a small packet after a QoS 0 publish (the delivery barrier,
-            # a PINGREQ) then waits for the broker's delayed ACK, 40 ms on Linux. Measured:
-            # barrier after QoS 0 publishes 40 ms -> 0.2 ms.
+        if self.nodelay and isinstance(sock, socket.socket):
+            # paho leaves Nagle on: a small packet after a QoS 0 publish (the delivery barrier)
+            # then waits for the broker's delayed ACK, 40 ms on Linux. Measured: barrier after
+            # QoS 0 publishes 40 ms -> 0.2 ms. Not for every connection: with Nagle, the many
+            # small QoS 1 messages of UNS share TCP segments (fewer bytes on a metered link).
             with suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = self.client

@@ -156,6 +156,14 @@ def test_sparkplug_decode_of_a_capture(tmp_path: Path) -> None:
         {"name": "offset", "alias": 1, "timestamp": 1999, "datatype": "Int16", "value": -3}
     ]
 
+    # Standard input named twice (and a file between): read once, not closed by the first.
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "sparkplug", "decode", "--hex", "-", str(capture), "-"],
+        input=capture.read_text(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr
+    assert len(result.stdout.splitlines()) == 6
+
     raw = tmp_path / "nbirth.bin"
     raw.write_bytes(birth.SerializeToString())
     result = millwright("sparkplug", "decode", str(raw))

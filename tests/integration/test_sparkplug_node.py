@@ -118,30 +118,32 @@ async def test_a_learned_datatype_brings_a_rebirth_before_the_value(
         await h.received(lambda s: len(h.of("DBIRTH")) == 2)
         first = h.of("DBIRTH")[0].metric("t")
         assert (first.datatype, first.is_null) == (DataType.STRING, True)
-        await node.append([reading("m1", "t", 21.5)])
+        await node.append([reading("m1", "t", True)])
         sparks = await h.received(lambda s: len(h.of("DDATA")) == 1)
         assert len(h.of("NBIRTH")) == 2
         reborn = [s for s in sparks if s.kind == "DBIRTH" and s.device == "m1"][-1].metric("t")
-        assert reborn.datatype == DataType.DOUBLE
-        assert h.of("DDATA")[0].payload.metrics[0].double_value == 21.5
-        # A live value of another type: another rebirth.
-        await node.append([reading("m1", "t", True)])
+        assert reborn.datatype == DataType.BOOLEAN
+        assert h.of("DDATA")[0].payload.metrics[0].boolean_value is True
+        # A live value that does not fit: another rebirth, as Double.
+        await node.append([reading("m1", "t", 21.5)])
         await h.received(lambda s: len(h.of("NBIRTH")) == 3 and len(h.of("DDATA")) == 2)
         # An old value of another type (made while the broker was away, so history in the
         # next session): null, and no rebirth for it.
         mosquitto.stop()
-        await node.append([reading("m1", "t", 7.5)])
+        await node.append([reading("m1", "t", "abc")])
         mosquitto.start()
         await h.received(lambda s: len(h.of("NBIRTH")) == 4 and len(h.of("DDATA")) == 3, timeout=20)
+        # A bool still fits the Double (as 0 or 1): no rebirth back and forth.
         await node.append([reading("m1", "t", False)])
         await h.received(lambda s: len(h.of("DDATA")) == 4)
     finally:
         await running.stop()
     sparks = h.sparks
     assert len(h.of("NBIRTH")) == 4
+    assert h.of("DDATA")[1].payload.metrics[0].double_value == 21.5
     old = h.of("DDATA")[2].payload.metrics[0]
     assert (old.is_historical, old.is_null) == (True, True)
-    assert h.of("DDATA")[3].payload.metrics[0].WhichOneof("value") == "boolean_value"
+    assert h.of("DDATA")[3].payload.metrics[0].WhichOneof("value") == "double_value"
     assert mismatched_values(sparks) == []
     assert seq_gaps(sparks) == []
 
@@ -173,3 +175,46 @@ async def test_offline_state_during_a_pending_rebirth_still_ends_the_session(
     assert h.of("NBIRTH")[-1].bdseq == h.of("NDEATH")[0].bdseq + 1
     assert h.of("DDATA")[0].payload.metrics[0].is_historical
     assert seq_gaps(sparks) == []
+
+
+async def test_after_a_restart_births_carry_the_backlogs_newest_values(
+    mosquitto: Mosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """operational-behavior-data-publish-dbirth-values: after a restart the DBIRTHs announce the
+    newest buffered value of each metric (and the datatypes they tell), so the history of many
+    untyped (OPC UA) tags brings no rebirths. When the server's type becomes known (the device
+    connected), a live value corrects a datatype guessed from the backlog: one rebirth."""
+    # A previous run's backlog: 20 tags of an OPC UA device that is not connected yet.
+    backlog = [reading("m1", "t", float(i), at=1000.0 + i) for i in range(3)]
+    backlog += [reading("m2", f"x{i}", 5, at=1000.0) for i in range(20)]
+    await outbox.append(backlog)
+    known: dict[str, str] = {}
+    h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
+    node = SparkplugNode(
+        MqttSettings(url=mosquitto.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")),
+        SparkplugSettings(group_id="g"),
+        outbox,
+        edge_node_id="n",
+        devices={"m1": [("t", None, None)], "m2": [(f"x{i}", None, None) for i in range(20)]},
+        bdseq=BdSeqFile(tmp_path / "bdseq"),
+        client_id="node-under-test",
+        type_hints={"m2": known.get},
+    )
+    running = Node(node)
+    try:
+        sparks = await h.received(
+            lambda s: sum(len(x.payload.metrics) for x in h.of("DDATA")) == len(backlog)
+        )
+        assert len(h.of("NBIRTH")) == 1
+        m1, m2 = (next(s for s in sparks if s.kind == "DBIRTH" and s.device == d) for d in ("m1", "m2"))
+        assert (m1.metric("t").datatype, m1.metric("t").double_value) == (DataType.DOUBLE, 2.0)
+        assert {m.datatype for m in m2.payload.metrics} == {DataType.INT64}  # guessed from 5
+        # The device connects: the server says Int16.
+        known.update({f"x{i}": "Int16" for i in range(20)})
+        await node.append([reading("m2", "x0", 6)])
+        sparks = await h.received(lambda s: len(h.of("NBIRTH")) == 2 and s[-1].kind == "DDATA")
+    finally:
+        await running.stop()
+    reborn = [s for s in sparks if s.kind == "DBIRTH" and s.device == "m2"][-1]
+    assert reborn.metric("x0").datatype == DataType.INT16
+    assert mismatched_values(h.sparks) == []

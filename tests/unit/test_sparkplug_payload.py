@@ -126,7 +126,7 @@ def test_null_value() -> None:
         (DataType.INT8, 127, True),
         (DataType.INT8, 128, False),
         (DataType.UINT16, -1, False),
-        (DataType.INT64, True, False),  # a bool is not a number here
+        (DataType.INT64, True, True),  # as 1: a bool-or-number value settles on the number's type
         (DataType.DOUBLE, 3, True),
         (DataType.DOUBLE, "3", False),
         (DataType.BOOLEAN, 1, False),
@@ -242,3 +242,12 @@ def test_datetime_and_bytes_from_their_text_forms() -> None:
     assert not fits(DataType.DATETIME, "yesterday")
     assert not fits(DataType.BYTES, "not base64!")
     assert not fits(DataType.DATETIME, 5)
+
+
+def test_a_datetime_before_1970_is_null() -> None:
+    """OPC UA's "no time" is 1601-01-01; Sparkplug's DateTime is unsigned ms since 1970."""
+    m = Metric()
+    assert fits(DataType.DATETIME, "1601-01-01T00:00:00.000Z")
+    set_value(m, DataType.DATETIME, "1601-01-01T00:00:00.000Z")
+    assert m.is_null
+    assert m.WhichOneof("value") is None

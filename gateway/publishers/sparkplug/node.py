@@ -78,8 +78,8 @@ _MODBUS_TYPES = {
 }  # fmt: skip
 
 
-# OPC UA built-in types with a Sparkplug datatype of their own; the others (LocalizedText,
-# Guid, arrays, ...) travel as String, in the text form the collector gives them.
+# OPC UA built-in types with a Sparkplug datatype of their own. Arrays travel as String (their
+# JSON text); types the collector has no JSON form for arrive as null anyway.
 _OPCUA_TYPES = {
     "Boolean": DataType.BOOLEAN, "SByte": DataType.INT8, "Byte": DataType.UINT8,
     "Int16": DataType.INT16, "UInt16": DataType.UINT16, "Int32": DataType.INT32,
@@ -100,6 +100,7 @@ class MetricSpec:
     alias: int | None
     unit: str | None
     datatype: DataType | None
+    sure: bool = False  # the datatype came from the config or the server, not from a value
     born: DataType | None = None  # the datatype announced by the device's last DBIRTH
 
 
@@ -220,6 +221,7 @@ class SparkplugNode:
             will=self._will,
             on_connect=self._on_connect,
             on_message=self._on_message,
+            nodelay=True,  # each batch ends with a barrier: see Session.attach
         )
 
     # -- the pollers' side -------------------------------------------------------------
@@ -339,6 +341,10 @@ class SparkplugNode:
 
     async def run(self) -> None:
         """Publish births, then the outbox, for as long as the gateway runs."""
+        # After a restart the births announce the newest buffered values (and the datatypes
+        # they tell), not nulls; what the pollers have appended since is newer and wins.
+        for r in await self._outbox.newest():
+            self._latest.setdefault(r.device, {}).setdefault(r.tag, r)
         while True:
             self._wake.clear()
             await self.connection.wait_connected()
@@ -500,27 +506,31 @@ class SparkplugNode:
             return True
         value = r.value
         if value is not None and (
-            spec.datatype is None or (not historical and not fits(spec.datatype, value))
+            spec.datatype is None
+            # A live value may correct a datatype: one that does not fit, or one guessed from
+            # a value before the server's type was known (a backlog after a restart).
+            or (not historical and (not fits(spec.datatype, value) or not spec.sure))
         ):
-            spec.datatype = self._infer(r.device, r.tag, value)
+            self._infer(spec, r.device, value)
         return spec.datatype is not None and spec.born != spec.datatype
 
-    def _infer(self, device: str, tag: str, value: Value) -> DataType | None:
-        """The datatype of a metric not typed by config: the OPC UA type of its value where
-        the collector knows it and it has a Sparkplug datatype, else from the value."""
+    def _infer(self, spec: MetricSpec, device: str, value: Value) -> None:
+        """Type a metric the config does not type: from the OPC UA type of its value where the
+        collector knows it and Sparkplug has a datatype for it, else from the value itself."""
         hint = self._hints.get(device)
-        datatype = _OPCUA_TYPES.get(hint(tag) or "") if hint is not None else None
+        datatype = _OPCUA_TYPES.get(hint(spec.name) or "") if hint is not None else None
         if datatype is not None and fits(datatype, value):
-            return datatype
-        return datatype_of(value)
+            spec.datatype, spec.sure = datatype, True
+        elif spec.datatype is None or not fits(spec.datatype, value):
+            spec.datatype, spec.sure = datatype_of(value), False
 
     def _dbirth(self, device: str, now: int) -> Message:
         payload = Payload(timestamp=now, seq=self._next_seq())
         values = self._current.get(device, {})
         for tag, spec in self._metrics[device].items():
             r = values.get(tag)
-            if spec.datatype is None and r is not None:
-                spec.datatype = self._infer(device, tag, r.value)
+            if spec.datatype is None and r is not None and r.value is not None:
+                self._infer(spec, device, r.value)
             # Not known yet (no value seen): announced as a null String; the first value
             # that is not a string brings a new DBIRTH with its datatype.
             spec.born = spec.datatype or DataType.STRING
@@ -594,7 +604,9 @@ class SparkplugNode:
         alias = None
         if self._aliases:
             alias, self._next_alias = self._next_alias, self._next_alias + 1
-        self._metrics.setdefault(device, {})[tag] = MetricSpec(tag, alias, unit, datatype)
+        self._metrics.setdefault(device, {})[tag] = MetricSpec(
+            tag, alias, unit, datatype, sure=datatype is not None
+        )
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:

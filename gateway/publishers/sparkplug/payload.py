@@ -108,14 +108,16 @@ def fits(datatype: DataType, value: Value) -> bool:
     """Whether `value` can be published as `datatype` without loss (None always fits)."""
     if value is None:
         return True
+    # A bool fits the numeric types as 0 or 1: a value that switches between a bool and a
+    # number (an OPC UA BaseDataType variable) then settles on the number's datatype.
     if datatype in _INTEGERS:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not isinstance(value, int):
             return False
         bits, signed = _INTEGERS[datatype]
         low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
         return low <= value <= high
     if datatype in (DataType.FLOAT, DataType.DOUBLE):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float))
     if datatype is DataType.BOOLEAN:
         return isinstance(value, bool)
     if datatype is DataType.DATETIME:
@@ -141,15 +143,21 @@ def set_value(metric: Metric, datatype: DataType, value: Value) -> None:
             metric.int_value = value & 0xFFFF_FFFF
     elif datatype is DataType.FLOAT:
         assert isinstance(value, (int, float))
-        metric.float_value = value
+        metric.float_value = float(value)
     elif datatype is DataType.DOUBLE:
         assert isinstance(value, (int, float))
-        metric.double_value = value
+        metric.double_value = float(value)
     elif datatype is DataType.BOOLEAN:
         metric.boolean_value = bool(value)
     elif datatype is DataType.DATETIME:
         assert isinstance(value, str)
-        metric.long_value = _epoch_ms(value) or 0
+        ms = _epoch_ms(value)
+        if ms is None or ms < 0:
+            # long_value is unsigned: a time before 1970 (OPC UA's "no time" is 1601-01-01)
+            # has no Sparkplug form.
+            metric.is_null = True
+        else:
+            metric.long_value = ms
     elif datatype is DataType.BYTES:
         assert isinstance(value, str)
         metric.bytes_value = _unbase64(value) or b""
@@ -188,12 +196,11 @@ def _epoch_ms(text: str) -> int | None:
     """An ISO 8601 time (as OPC UA DateTime values are carried) as ms since the epoch, UTC."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return round(moment.timestamp() * 1000)
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    ms = round(moment.timestamp() * 1000)
-    return ms if ms >= 0 else None  # long_value is unsigned
 
 
 def _unbase64(text: str) -> bytes | None:
