@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint test-tools proto venv-tools clean
+.PHONY: demo test lint bench test-tools proto venv-tools clean
 
 $(BIN)/.installed: pyproject.toml | venv-tools
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(BIN)/.installed: pyproject.toml | venv-tools
 
 demo: $(BIN)/.installed
 	$(BIN)/millwright demo
+
+# Benchmarks (not part of the tests): see bench/README.md. Results go to bench/results/.
+bench: $(BIN)/.installed test-tools
+	$(BIN)/python -m bench all
 
 # test-tools: mosquitto is the real broker the tests start on free ports (openssl makes their TLS
 # certificates, protoc cross-checks the Sparkplug encoding). Installed with apt-get when

@@ -1,0 +1,245 @@
+"""The pieces every scenario uses: processes on loopback, their accounting, the result file.
+
+Everything runs as its own process (mosquitto, the Modbus simulator, the gateway, the counting
+subscriber), so the gateway's CPU and memory come from its own /proc accounting, and no
+measuring code runs inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.broker import find_mosquitto, free_port
+
+RESULTS = Path(__file__).parent / "results"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Proc:
+    """A child process with a log file; stopped (SIGTERM, then SIGKILL) by `stop()`."""
+
+    name: str
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(self.args, stdout=log, stderr=log)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the process so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def memory(self) -> tuple[int, int]:
+        """(RSS, peak RSS) in bytes."""
+        values = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+        return values["VmRSS"], values["VmHWM"]
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else None
+        self.popen.terminate()
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+@dataclass
+class Bench:
+    """One scenario's processes and working directory."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def proc(self, name: str, *args: str) -> Proc:
+        p = Proc(name, list(args), self.workdir / f"{name}.log").start()
+        self.procs.append(p)
+        return p
+
+    def broker(self, port: int) -> Proc:
+        binary = find_mosquitto()
+        if binary is None:
+            raise SystemExit("mosquitto is not installed (make test installs it)")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {self.workdir}/\nmax_queued_messages 0\nmax_inflight_messages 1000\n"
+        )
+        p = self.proc("mosquitto", binary, "-c", str(conf))
+        wait_port(port)
+        return p
+
+    def simulator(self, port: int, units: int) -> Proc:
+        p = self.proc(
+            "simulator", sys.executable, "-m", "gateway", "simulate", "modbus", "--port", str(port),
+            "--units", ",".join(str(u) for u in range(1, units + 1)), "--seed", "1",
+        )  # fmt: skip
+        wait_port(port)
+        return p
+
+    def gateway(self, config: dict[str, Any]) -> Proc:
+        path = self.workdir / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return self.proc("gateway", sys.executable, "-m", "gateway", "run", str(path))
+
+    def counter(self, port: int, topic_filter: str, fmt: str) -> tuple[Proc, Path]:
+        out = self.workdir / "counter.json"
+        args = ["-m", "bench.counter", "127.0.0.1", str(port), topic_filter, fmt, str(out)]
+        p = self.proc("counter", sys.executable, *args)
+        deadline = time.monotonic() + 10
+        while "ready" not in p.log.read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the counter did not start: {p.log.read_text()}")
+            time.sleep(0.05)
+        time.sleep(0.3)  # its SUBACK
+        return p, out
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+@contextlib.contextmanager
+def bench(keep: bool = False) -> Iterator[Bench]:
+    workdir = Path(tempfile.mkdtemp(prefix="millwright-bench-"))
+    b = Bench(workdir)
+    try:
+        yield b
+    finally:
+        b.stop_all()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_port(port: int, within: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nothing listens on port {port}")
+        time.sleep(0.05)
+
+
+def ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
+
+
+def modbus_config(
+    broker: int, simulator: int, outbox: Path, *, devices: int, tags: int, poll: str, fmt: str
+) -> dict[str, Any]:
+    """N presses (units 1..N of one simulator) with M holding registers each (uint16, at most
+    100: the simulator's holding table), no deadband: every tag is a reading every poll."""
+    if tags > 100:
+        raise SystemExit("at most 100 tags per device (the simulator's holding registers)")
+    mqtt: dict[str, Any] = {"url": f"mqtt://127.0.0.1:{broker}"}
+    if fmt == "sparkplug":
+        mqtt.update(format="sparkplug", sparkplug={"group_id": "bench"})
+    return {
+        "gateway": {"id": "bench", "enterprise": "bench", "site": "s", "area": "a", "line": "l"},
+        "outbox": {"path": str(outbox)},
+        "mqtt": mqtt,
+        "devices": [
+            {"name": f"press-{u}", "protocol": "modbus", "host": "127.0.0.1", "port": simulator, "unit": u,
+             "poll": poll, "tags": [{"name": f"r{i}", "table": "holding", "address": i} for i in range(tags)]}
+            for u in range(1, devices + 1)
+        ],
+    }  # fmt: skip
+
+
+def outbox_depth(path: Path) -> int:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "outbox", "stats", str(path), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return int(json.loads(out)["depth"])
+
+
+def percentile(hist: dict[int, int], q: float) -> float | None:
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank = q * (total - 1)
+    seen = 0
+    for value in sorted(hist):
+        seen += hist[value]
+        if seen > rank:
+            return float(value)
+    return float(max(hist))
+
+
+def merge(hists: list[dict[Any, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for h in hists:
+        for k, v in h.items():
+            out[int(k)] = out.get(int(k), 0) + v
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mosquitto = find_mosquitto()
+    version = ""
+    if mosquitto:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            text = subprocess.run([mosquitto, "-h"], capture_output=True, text=True, check=False).stdout
+            version = text.splitlines()[0] if text else ""
+    packages = {}
+    for name in ("millwright", "paho-mqtt", "pymodbus", "asyncua", "aiosqlite", "protobuf"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            packages[name] = metadata.version(name)
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mosquitto": version,
+        "packages": packages,
+    }
+
+
+def save(scenario: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"scenario": scenario, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine(), **result}  # fmt: skip
+    path = RESULTS / f"{scenario}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

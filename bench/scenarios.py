@@ -1,0 +1,216 @@
+"""The scenarios: throughput (with its ceilings) and outage. Each returns a result dict and
+prints a short summary; `python -m bench` saves it to bench/results/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from pymodbus.client import AsyncModbusTcpClient
+
+from bench.harness import Bench, merge, modbus_config, outbox_depth, percentile, ports
+
+TOPICS = {"uns": "bench/#", "sparkplug": "spBv1.0/bench/#"}
+
+
+def _latency(counts: dict[str, Any], first: float, last: float) -> dict[str, float | None]:
+    """p50/p99/max latency (ms) of the readings made between `first` and `last` (epoch s)."""
+    hists = [h for second, h in counts["latency_ms"].items() if first <= int(second) < last]
+    hist = merge(hists)
+    return {"p50": percentile(hist, 0.5), "p99": percentile(hist, 0.99), "max": max(hist) if hist else None}
+
+
+def _received(counts: dict[str, Any], first: float, last: float) -> int:
+    return sum(n for second, n in counts["received"].items() if first <= int(second) < last)
+
+
+def throughput(
+    b: Bench, *, devices: int, tags: int, poll: float, fmt: str, warmup: float, duration: float
+) -> dict[str, Any]:
+    """Steady load: readings/s at the subscriber, gateway CPU per 1,000 readings, RSS, latency."""
+    broker_port, sim_port = ports(2)
+    b.broker(broker_port)
+    b.simulator(sim_port, devices)
+    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
+    outbox = b.workdir / "outbox.db"
+    config = modbus_config(
+        broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
+    )
+    gateway = b.gateway(config)
+    time.sleep(warmup)
+    # Whole seconds, so the counter's one-second buckets fall entirely inside the window.
+    start = int(time.time()) + 1
+    time.sleep(start - time.time())
+    cpu0 = gateway.cpu()
+    time.sleep(duration)
+    cpu1 = gateway.cpu()
+    rss, peak = gateway.memory()
+    depth = outbox_depth(outbox)
+    gateway.stop()
+    counter.stop()
+    counts = json.loads(counter_out.read_text())
+    received = _received(counts, start, start + duration)
+    rate = received / duration
+    cpu = cpu1 - cpu0
+    latency = _latency(counts, start, start + duration)
+    result: dict[str, Any] = {
+        "parameters": {
+            "devices": devices,
+            "tags": tags,
+            "poll_s": poll,
+            "format": fmt,
+            "warmup_s": warmup,
+            "window_s": duration,
+        },
+        "offered_per_s": devices * tags / poll,
+        "readings_per_s": round(rate),
+        "gateway_cpu_share": round(cpu / duration, 3),
+        "gateway_cpu_ms_per_1000": round(cpu / received * 1e6, 1) if received else None,
+        "gateway_rss_mb": round(rss / 2**20, 1),
+        "gateway_peak_rss_mb": round(peak / 2**20, 1),
+        "latency_ms": latency,
+        "outbox_depth_at_end": depth,
+        "seq": counts["seq"] if fmt == "uns" else None,
+    }
+    offered = devices * tags / poll
+    print(
+        f"throughput {fmt}: {devices} x {tags} tags every {poll:g} s (offered {offered:.0f}/s): "
+        f"{rate:.0f} readings/s, CPU {cpu / duration:.0%} of a core = "
+        f"{result['gateway_cpu_ms_per_1000']} ms per 1,000 readings, RSS {result['gateway_rss_mb']} MB "
+        f"(peak {result['gateway_peak_rss_mb']}), latency p50 {latency['p50']} ms p99 {latency['p99']} ms"
+    )
+    return result
+
+
+def modbus_ceiling(b: Bench, *, devices: int, tags: int, duration: float) -> float:
+    """Registers/s a bare pymodbus loop reads from the same simulator: one client per device,
+    each reading its `tags` holding registers back to back."""
+    sim_port = ports(1)[0]
+    sim = b.simulator(sim_port, devices)
+
+    async def loop(unit: int, until: float) -> int:
+        client = AsyncModbusTcpClient("127.0.0.1", port=sim_port)
+        await client.connect()
+        n = 0
+        while time.monotonic() < until:
+            await client.read_holding_registers(0, count=tags, device_id=unit)
+            n += tags
+        client.close()
+        return n
+
+    async def run() -> int:
+        until = time.monotonic() + duration
+        return sum(await asyncio.gather(*(loop(u, until) for u in range(1, devices + 1))))
+
+    total = asyncio.run(run())
+    sim.stop()
+    return total / duration
+
+
+def mqtt_ceiling(b: Bench, *, count: int = 50_000, inflight: int = 200) -> float:
+    """QoS 1 messages/s a bare paho loop publishes to mosquitto (a UNS-sized payload), with the
+    gateway's default in-flight window."""
+    port = ports(1)[0]
+    b.broker(port)
+    done = threading.Event()
+    acked = 0
+
+    def on_publish(*_: object) -> None:
+        nonlocal acked
+        acked += 1
+        if acked == count:
+            done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.max_inflight_messages_set(inflight)
+    client.max_queued_messages_set(0)
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payload = (
+        b'{"value":21.5,"quality":"Good","timestamp":"2026-11-24T12:00:00.123Z","unit":"Cel","seq":1042}'
+    )
+    start = time.perf_counter()
+    for i in range(count):
+        client.publish(f"bench/s/a/l/press-1/r{i % 100}", payload, qos=1)
+    done.wait(120)
+    elapsed = time.perf_counter() - start
+    client.disconnect()
+    client.loop_stop()
+    return acked / elapsed
+
+
+def outage(
+    b: Bench, *, devices: int, tags: int, poll: float, fmt: str, down: float, warmup: float
+) -> dict[str, Any]:
+    """Steady load; the broker stopped for `down` seconds and restarted. Backlog, drain time,
+    drain rate against the live rate, latency of live readings during the drain, gaps."""
+    broker_port, sim_port = ports(2)
+    broker = b.broker(broker_port)
+    b.simulator(sim_port, devices)
+    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
+    outbox = b.workdir / "outbox.db"
+    config = modbus_config(
+        broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
+    )
+    gateway = b.gateway(config)
+    time.sleep(warmup)
+    steady = outbox_depth(outbox)
+    broker.stop()
+    stopped = time.time()
+    time.sleep(down)
+    backlog = outbox_depth(outbox)
+    b.broker(broker_port)  # same port, same persistence: the counter's session survives
+    restarted = time.time()
+    # The gateway reconnects after its backoff (up to 30 s): the drain starts when the outbox
+    # starts to shrink, and ends when it is back to its steady depth (what is in flight).
+    threshold = max(2 * steady, 1000)
+    reconnected: float | None = None
+    peak = backlog
+    while (depth := outbox_depth(outbox)) > threshold:
+        if reconnected is None and depth < peak - 1000:
+            reconnected = time.time()
+        peak = max(peak, depth)
+        if time.time() - restarted > 300:
+            # The gateway cannot publish faster than the live rate: report, do not wait forever.
+            print("the backlog did not drain within 5 minutes")
+            break
+        time.sleep(0.1)
+    drained = time.time()
+    complete = depth <= threshold
+    if reconnected is None:
+        reconnected = drained
+    backlog = peak
+    time.sleep(3)
+    gateway.stop()
+    counter.stop()
+    counts = json.loads(counter_out.read_text())
+    live_rate = devices * tags / poll
+    drain = max(drained - reconnected, 0.1)
+    drain_rate = (backlog + live_rate * drain) / drain if drain > 0 else None
+    latency = _latency(counts, reconnected, drained + 1)
+    result = {
+        "parameters": {"devices": devices, "tags": tags, "poll_s": poll, "format": fmt, "down_s": down},
+        "live_per_s": live_rate,
+        "backlog": backlog,
+        "reconnect_after_restart_s": round(reconnected - restarted, 2),
+        "drained": complete,
+        "drain_s": round(drain, 2),
+        "drain_per_s": round(drain_rate) if drain_rate else None,
+        "drain_vs_live": round(drain_rate / live_rate, 1) if drain_rate else None,
+        "live_latency_during_drain_ms": latency,
+        "outage_started": stopped,
+        "seq": counts["seq"] if fmt == "uns" else None,
+    }
+    print(
+        f"outage {fmt}: broker down {down:g} s at {live_rate:.0f} readings/s: backlog {backlog}; reconnected "
+        f"{reconnected - restarted:.1f} s after the broker was back, drained in {drain:.1f} s "
+        f"({result['drain_vs_live']}x live, which kept flowing), live latency during the "
+        f"drain p50 {latency['p50']} ms, p99 {latency['p99']} ms; seq {result['seq']}"
+    )
+    return result
