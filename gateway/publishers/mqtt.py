@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Final messages on close (the offline status) get this long for their PUBACK.
 _FINAL_TIMEOUT = 2.0
+# The longest wait between two attempts to connect.
+_RECONNECT_CAP = 5.0
 # paho's keepalive bookkeeping (PINGREQ, missing PINGRESP) runs this often.
 _MISC_INTERVAL = 1.0
 
@@ -129,7 +131,10 @@ class MqttConnection:
         """Connect, and reconnect with backoff after every failure or loss, until cancelled
         or closed. Cancelling without `close()` drops the connection uncleanly (the broker
         then publishes the will)."""
-        backoff = Backoff(initial=0.5, cap=30.0)
+        # Capped low: one broker gains little from a long wait, and every second of it after
+        # the broker is back holds live readings behind the backlog (measured: 33 s with a
+        # 30 s cap after a 30 s outage).
+        backoff = Backoff(initial=0.5, cap=_RECONNECT_CAP)
         try:
             while not self._closing:
                 try:
