@@ -12,7 +12,7 @@ from bench.harness import bench, save
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenario", choices=["throughput", "outage", "all"])
+    p.add_argument("scenario", choices=["throughput", "outage", "scale", "all"])
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--duration", type=float, default=20.0, help="measuring window, seconds (default 20)")
     p.add_argument("--down", type=float, default=30.0, help="outage: broker down for this long (default 30)")
+    p.add_argument(
+        "--sizes",
+        default="1000,10000,100000",
+        help="scale: configured tags, comma-separated (default 1k,10k,100k)",
+    )
+    p.add_argument("--rate", type=float, default=5000, help="scale: readings/s to aim for (default 5000)")
+    p.add_argument("--hold", type=float, default=120, help="scale: seconds each size runs (default 120)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, outbox)")
     args = p.parse_args(argv)
     load = {"devices": args.devices, "tags": args.tags, "poll": args.poll, "fmt": args.format}
@@ -47,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         with bench(args.keep) as b:
             result = scenarios.outage(b, down=args.down, warmup=args.warmup, **load)
         print("saved", save(f"outage{suffix}", result))
+    if args.scenario in ("scale", "all"):
+        sizes = []
+        for size in (int(x) for x in args.sizes.split(",")):
+            with bench(args.keep) as b:
+                sizes.append(scenarios.scale(b, size=size, rate=args.rate, fmt=args.format, hold=args.hold))
+        print("saved", save(f"scale{suffix}", {"sizes": sizes}))
     return 0
 
 

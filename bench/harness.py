@@ -179,12 +179,18 @@ def modbus_config(
     }  # fmt: skip
 
 
-def outbox_depth(path: Path) -> int:
+def outbox_stats(path: Path) -> dict[str, Any]:
+    """`millwright outbox stats --json` of the gateway's outbox (read-only, beside it)."""
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "outbox", "stats", str(path), "--json"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    return int(json.loads(out)["depth"])
+    stats: dict[str, Any] = json.loads(out)
+    return stats
+
+
+def outbox_depth(path: Path) -> int:
+    return int(outbox_stats(path)["depth"])
 
 
 def percentile(hist: dict[int, int], q: float) -> float | None:

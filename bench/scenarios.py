@@ -1,10 +1,12 @@
-"""The scenarios: throughput (with its ceilings) and outage. Each returns a result dict and
+"""The scenarios: throughput (with its ceilings), outage and scale. Each returns a result dict and
 prints a short summary; `python -m bench` saves it to bench/results/."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
 import threading
 import time
 from typing import Any
@@ -13,7 +15,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pymodbus.client import AsyncModbusTcpClient
 
-from bench.harness import Bench, merge, modbus_config, outbox_depth, percentile, ports
+from bench.harness import Bench, merge, modbus_config, outbox_depth, outbox_stats, percentile, ports
 
 TOPICS = {"uns": "bench/#", "sparkplug": "spBv1.0/bench/#"}
 
@@ -212,5 +214,64 @@ def outage(
         f"{reconnected - restarted:.1f} s after the broker was back, drained in {drain:.1f} s "
         f"({result['drain_vs_live']}x live, which kept flowing), live latency during the "
         f"drain p50 {latency['p50']} ms, p99 {latency['p99']} ms; seq {result['seq']}"
+    )
+    return result
+
+
+def scale(b: Bench, *, size: int, rate: float, fmt: str, hold: float) -> dict[str, Any]:
+    """`size` configured tags (presses of 100 registers, 200 presses per simulator process),
+    polled so that about `rate` readings/s flow: start-up time (process start to the first
+    reading of every tag committed), RSS after one minute and at the end of `hold`, CPU."""
+    devices = -(-size // 100)
+    poll = size / rate
+    broker_port = ports(1)[0]
+    b.broker(broker_port)
+    sims = [ports(1)[0] for _ in range(-(-devices // 200))]
+    for i, port in enumerate(sims):
+        b.simulator(port, min(200, devices - 200 * i))
+    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
+    outbox = b.workdir / "outbox.db"
+    config = modbus_config(
+        broker_port, sims[0], outbox, devices=devices, tags=100, poll=f"{poll:g}s", fmt=fmt
+    )
+    for n, device in enumerate(config["devices"]):
+        device["port"], device["unit"] = sims[n // 200], n % 200 + 1
+        if n == devices - 1 and size % 100:
+            device["tags"] = device["tags"][: size % 100]
+    started = time.monotonic()
+    gateway = b.gateway(config)
+    while True:
+        time.sleep(0.2)
+        with contextlib.suppress(subprocess.CalledProcessError, ValueError, KeyError):
+            if outbox_stats(outbox)["last_seq"] >= size:
+                break
+        if time.monotonic() - started > 300:
+            raise SystemExit(f"{size} tags: no complete first cycle within 5 minutes")
+    startup = time.monotonic() - started
+    time.sleep(max(0.0, 60 - (time.monotonic() - started)))
+    rss_1min, _ = gateway.memory()
+    cpu0, t0, w0 = gateway.cpu(), time.monotonic(), time.time()
+    time.sleep(max(0.0, hold - (time.monotonic() - started)))
+    cpu = (gateway.cpu() - cpu0) / (time.monotonic() - t0)
+    w1 = time.time()
+    rss_end, peak = gateway.memory()
+    gateway.stop()
+    counter.stop()
+    counts = json.loads(counter_out.read_text())
+    rate_seen = _received(counts, int(w0) + 1, int(w1)) / max(1, int(w1) - int(w0) - 1)
+    result = {
+        "parameters": {"tags": size, "devices": devices, "poll_s": poll, "format": fmt, "hold_s": hold},
+        "startup_s": round(startup, 2),
+        "rss_1min_mb": round(rss_1min / 2**20, 1),
+        "rss_end_mb": round(rss_end / 2**20, 1),
+        "rss_growth": round(rss_end / rss_1min - 1, 3),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "gateway_cpu_share": round(cpu, 3),
+        "readings_per_s": round(rate_seen),
+    }
+    print(
+        f"scale {fmt}: {size} tags ({devices} devices, poll {poll:g} s): first full cycle {startup:.1f} s "
+        f"after start, RSS {result['rss_1min_mb']} MB at 1 min and {result['rss_end_mb']} MB at "
+        f"{hold:g} s ({result['rss_growth']:+.1%}), CPU {cpu:.0%} of a core, {rate_seen:.0f} readings/s"
     )
     return result
