@@ -291,7 +291,10 @@ class MqttConnection:
             reconnect_on_failure=False,
         )
         client.connect_timeout = s.connect_timeout
-        client.max_inflight_messages_set(s.max_inflight)
+        # No limit in paho: the session's window (max_inflight, or the broker's Receive
+        # Maximum) already holds messages back. With a limit, paho walks every in-flight
+        # message on each PUBACK looking for queued ones to send: 8 % of the gateway's CPU.
+        client.max_inflight_messages_set(0)
         # A guard, not a buffer: the window keeps us below it.
         client.max_queued_messages_set(s.max_inflight)
         if s.username is not None:
