@@ -21,9 +21,10 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -310,11 +311,7 @@ class Outbox:
                     rows = await self._db.execute_fetchall(_LEASE_UPTO, (self._cursor, split, n))
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot lease: {exc}") from exc
-            entries = [
-                Entry(seq, Reading(device, tag, None if value is None else _decode(value),
-                                   _QUALITIES[quality], status, source_time, read_time, unit))
-                for seq, device, tag, value, quality, status, source_time, read_time, unit in rows
-            ]  # fmt: skip
+            entries = _entries(rows)
             if live_lane:
                 if entries:
                     self._live_cursor = entries[-1].seq
@@ -337,11 +334,7 @@ class Outbox:
                 rows = await self._db.execute_fetchall(_NEWEST)
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read: {exc}") from exc
-        return [
-            Reading(device, tag, None if value is None else _decode(value), _QUALITIES[quality], status,
-                    source_time, read_time, unit)
-            for _, device, tag, value, quality, status, source_time, read_time, unit in rows
-        ]  # fmt: skip
+        return [entry.reading for entry in _entries(rows)]
 
     async def wait(self) -> None:
         """Return when there are unleased rows (at once if there are)."""
@@ -427,6 +420,15 @@ class Outbox:
             self._full_dropped, self._policy, iso_millis(self._full_since),
         )  # fmt: skip
         self._full_since, self._full_dropped = None, 0
+
+
+def _entries(rows: Iterable[Sequence[Any]]) -> list[Entry]:
+    """Rows of `_COLUMNS` as entries (one comprehension: this runs for every leased reading)."""
+    return [
+        Entry(seq, Reading(device, tag, None if value is None else _decode(value),
+                           _QUALITIES[quality], status, source_time, read_time, unit))
+        for seq, device, tag, value, quality, status, source_time, read_time, unit in rows
+    ]  # fmt: skip
 
 
 async def _connect(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:

@@ -72,9 +72,9 @@ _INTEGERS: dict[DataType, tuple[int, bool]] = {
 _STRINGS = (DataType.STRING, DataType.TEXT, DataType.UUID)
 
 # Quality codes of the `Quality` property (payloads-propertyset-quality-value-value).
+# (500, stale, is the host's to set when a node or device dies.)
 QUALITY_BAD = 0
 QUALITY_GOOD = 192
-QUALITY_STALE = 500
 # Uncertain has no code of its own: its value is still the current one (e.g. a reading
 # outside its valid range), so it travels as Good, with the OPC UA status beside it.
 _QUALITY_CODES = {Quality.GOOD: QUALITY_GOOD, Quality.UNCERTAIN: QUALITY_GOOD, Quality.BAD: QUALITY_BAD}
@@ -176,11 +176,7 @@ def get_value(metric: Metric, datatype: int | None) -> Any:
         return None
     raw = getattr(metric, field)
     if datatype in _INTEGERS and field in ("int_value", "long_value"):
-        bits, signed = _INTEGERS[DataType(datatype)]
-        raw &= (1 << bits) - 1  # lenient: an unsigned 32-bit value may come in long_value
-        if signed and raw >= 1 << (bits - 1):
-            raw -= 1 << bits
-        return raw
+        return _integer(raw, datatype)
     if datatype == DataType.DATETIME and field == "long_value":
         return iso_ms(raw)
     if field == "bytes_value":
@@ -189,6 +185,16 @@ def get_value(metric: Metric, datatype: int | None) -> Any:
         return {"unsupported": field}
     if isinstance(raw, float) and not math.isfinite(raw):
         return str(raw)  # JSON has no NaN or infinity
+    return raw
+
+
+def _integer(raw: int, datatype: int) -> int:
+    """An integer field's value as its datatype says: cut to the datatype's width (lenient:
+    an unsigned 32-bit value may come in long_value) and undone from two's complement."""
+    bits, signed = _INTEGERS[DataType(datatype)]
+    raw &= (1 << bits) - 1
+    if signed and raw >= 1 << (bits - 1):
+        raw -= 1 << bits
     return raw
 
 
@@ -209,10 +215,6 @@ def _unbase64(text: str) -> bytes | None:
         return base64.b64decode(text, validate=True)
     except ValueError:
         return None
-
-
-def quality_code(quality: Quality) -> int:
-    return _QUALITY_CODES[quality]
 
 
 def add_properties(metric: Metric, quality: Quality | None, status: int, unit: str | None = None) -> None:
@@ -327,9 +329,7 @@ def _properties(props: pb.Payload.PropertySet) -> Iterable[tuple[str, Any]]:
         field = value.WhichOneof("value")
         raw: Any = getattr(value, field) if field is not None else None
         if field == "int_value" and value.type in _INTEGERS:
-            bits, signed = _INTEGERS[DataType(value.type)]
-            if signed and raw >= 1 << (bits - 1):
-                raw -= 1 << bits
+            raw = _integer(raw, value.type)
         if field in ("propertyset_value", "propertysets_value", "extension_value"):
             raw = {"unsupported": field}
         yield key, raw
