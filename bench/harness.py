@@ -7,6 +7,7 @@ measuring code runs inside it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from gateway.broker import find_mosquitto, free_port
+from gateway.broker import find_mosquitto, free_port, wait_for_port
 
 RESULTS = Path(__file__).parent / "results"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -142,15 +143,11 @@ def bench(keep: bool = False) -> Iterator[Bench]:
 
 
 def wait_port(port: int, within: float = 10.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + within
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"nothing listens on port {port}")
-        time.sleep(0.05)
+    """Until something listens on the loopback port (the gateway's own check, run here)."""
+    try:
+        asyncio.run(wait_for_port("127.0.0.1", port, within))
+    except TimeoutError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def ports(n: int) -> list[int]:

@@ -9,15 +9,42 @@ import json
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pymodbus.client import AsyncModbusTcpClient
 
-from bench.harness import Bench, merge, modbus_config, outbox_depth, outbox_stats, percentile, ports
+from bench.harness import Bench, Proc, merge, modbus_config, outbox_depth, outbox_stats, percentile, ports
 
 TOPICS = {"uns": "bench/#", "sparkplug": "spBv1.0/bench/#"}
+
+
+@dataclass(frozen=True)
+class _Load:
+    """The processes of a steady load: broker, simulator, counter and gateway."""
+
+    broker: Proc
+    broker_port: int
+    counter: Proc
+    counter_out: Path
+    outbox: Path
+    gateway: Proc
+
+
+def _load(b: Bench, *, devices: int, tags: int, poll: float, fmt: str) -> _Load:
+    """Start N presses polled every `poll` s, a broker, the counter, then the gateway."""
+    broker_port, sim_port = ports(2)
+    broker = b.broker(broker_port)
+    b.simulator(sim_port, devices)
+    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
+    outbox = b.workdir / "outbox.db"
+    config = modbus_config(
+        broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
+    )
+    return _Load(broker, broker_port, counter, counter_out, outbox, b.gateway(config))
 
 
 def _latency(counts: dict[str, Any], first: float, last: float) -> dict[str, float | None]:
@@ -35,15 +62,8 @@ def throughput(
     b: Bench, *, devices: int, tags: int, poll: float, fmt: str, warmup: float, duration: float
 ) -> dict[str, Any]:
     """Steady load: readings/s at the subscriber, gateway CPU per 1,000 readings, RSS, latency."""
-    broker_port, sim_port = ports(2)
-    b.broker(broker_port)
-    b.simulator(sim_port, devices)
-    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
-    outbox = b.workdir / "outbox.db"
-    config = modbus_config(
-        broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
-    )
-    gateway = b.gateway(config)
+    load = _load(b, devices=devices, tags=tags, poll=poll, fmt=fmt)
+    gateway, counter, counter_out, outbox = load.gateway, load.counter, load.counter_out, load.outbox
     time.sleep(warmup)
     # Whole seconds, so the counter's one-second buckets fall entirely inside the window.
     start = int(time.time()) + 1
@@ -152,15 +172,9 @@ def outage(
 ) -> dict[str, Any]:
     """Steady load; the broker stopped for `down` seconds and restarted. Backlog, drain time,
     drain rate against the live rate, latency of live readings during the drain, gaps."""
-    broker_port, sim_port = ports(2)
-    broker = b.broker(broker_port)
-    b.simulator(sim_port, devices)
-    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
-    outbox = b.workdir / "outbox.db"
-    config = modbus_config(
-        broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
-    )
-    gateway = b.gateway(config)
+    load = _load(b, devices=devices, tags=tags, poll=poll, fmt=fmt)
+    gateway, counter, counter_out, outbox = load.gateway, load.counter, load.counter_out, load.outbox
+    broker, broker_port = load.broker, load.broker_port
     time.sleep(warmup)
     steady = outbox_depth(outbox)
     broker.stop()
