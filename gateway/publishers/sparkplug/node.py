@@ -562,12 +562,15 @@ class SparkplugNode:
                 m.name = spec.name
             m.timestamp = _ms(r.timestamp)
             assert spec.born is not None
-            self._set(m, spec.born, r)
             if historical:
+                self._set(m, spec.born, r)
                 m.is_historical = True
                 if r.quality is not Quality.GOOD:
                     add_properties(m, r.quality, r.status)
             else:
+                # No second check of the datatype: _learn cut the batch for a live value
+                # that does not fit what the last DBIRTH announced.
+                set_value(m, spec.born, r.value)
                 previous = current.get(r.tag)
                 # The host keeps a metric's quality until told otherwise: say it when it is
                 # not Good, and once more when it is Good again.
