@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pymodbus.client import AsyncModbusTcpClient
 
-from bench.harness import Bench, Proc, merge, modbus_config, outbox_depth, outbox_stats, percentile, ports
+from bench.harness import Bench, Proc, merge, modbus_config, outbox_depth, percentile, ports
+from gateway.errors import OutboxError
+from gateway.outbox import read_stats
 
 TOPICS = {"uns": "bench/#", "sparkplug": "spBv1.0/bench/#"}
 
@@ -256,8 +257,8 @@ def scale(b: Bench, *, size: int, rate: float, fmt: str, hold: float) -> dict[st
     gateway = b.gateway(config)
     while True:
         time.sleep(0.2)
-        with contextlib.suppress(subprocess.CalledProcessError, ValueError, KeyError):
-            if outbox_stats(outbox)["last_seq"] >= size:
+        with contextlib.suppress(OutboxError):  # until the gateway has created it
+            if read_stats(outbox).last_seq >= size:
                 break
         if time.monotonic() - started > 300:
             raise SystemExit(f"{size} tags: no complete first cycle within 5 minutes")
