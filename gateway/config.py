@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from gateway import yamlload
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.errors import ConfigError
@@ -175,23 +176,20 @@ class Settings(Model):
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# libyaml's loader where PyYAML was built with it: the pure-Python one took 18 s and 480 MB
-# of RSS for a 100,000-tag file. Both report errors with the same line and column marks.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _expand(node: Any, where: str, env: dict[str, str], problems: list[str]) -> Any:
+def _expand(node: Any, loc: tuple[str | int, ...], env: dict[str, str], problems: list[str]) -> Any:
     """Replace ${NAME} in every string value; a missing variable is a config error."""
     if isinstance(node, dict):
-        return {k: _expand(v, _join(where, k), env, problems) for k, v in node.items()}
+        return {k: _expand(v, (*loc, k), env, problems) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand(v, f"{where}[{i}]", env, problems) for i, v in enumerate(node)]
-    if isinstance(node, str):
+        return [_expand(v, (*loc, i), env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
             if name not in env:
-                problems.append(f"{where}: environment variable {name} is not set")
+                problems.append(f"{_key_path(loc)}: environment variable {name} is not set")
                 return ""
             return env[name]
 
@@ -219,7 +217,7 @@ def _key_path(loc: tuple[str | int, ...]) -> str:
 def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     """Validate config text; raise ConfigError naming `file` and every bad key path."""
     try:
-        raw = yaml.load(text, Loader=_LOADER)
+        raw = yamlload.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -229,7 +227,7 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)"])
     problems: list[str] = []
-    expanded = _expand(raw, "", dict(os.environ) if env is None else env, problems)
+    expanded = _expand(raw, (), dict(os.environ) if env is None else env, problems)
     if problems:
         raise ConfigError(file, problems)
     try:
