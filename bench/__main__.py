@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes",
         default="1000,10000,100000",
-        help="scale: configured tags, comma-separated (default 1k,10k,100k)",
+        help="scale: configured tags, comma-separated (default 1000,10000,100000)",
     )
     p.add_argument("--rate", type=float, default=5000, help="scale: readings/s to aim for (default 5000)")
     p.add_argument("--hold", type=float, default=120, help="scale: seconds each size runs (default 120)")
