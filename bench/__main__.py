@@ -29,26 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rate", type=float, default=5000, help="scale: readings/s to aim for (default 5000)")
     p.add_argument("--hold", type=float, default=120, help="scale: seconds each size runs (default 120)")
+    p.add_argument("--name", help="add -NAME to the result file name (for a run with other parameters)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, outbox)")
     args = p.parse_args(argv)
     load = {"devices": args.devices, "tags": args.tags, "poll": args.poll, "fmt": args.format}
-    suffix = "" if args.format == "uns" else f"-{args.format}"
+    suffix = ("" if args.format == "uns" else f"-{args.format}") + (f"-{args.name}" if args.name else "")
     if args.scenario in ("throughput", "all"):
         with bench(args.keep) as b:
             result = scenarios.throughput(b, warmup=args.warmup, duration=args.duration, **load)
         with bench(args.keep) as b:
             modbus = scenarios.modbus_ceiling(b, devices=args.devices, tags=args.tags, duration=10)
         with bench(args.keep) as b:
-            mqtt = scenarios.mqtt_ceiling(b)
+            mqtt, mqtt_us = scenarios.mqtt_ceiling(b)
         lower = min(modbus, mqtt)
         result["ceilings"] = {
             "pymodbus_registers_per_s": round(modbus),
             "paho_qos1_messages_per_s": round(mqtt),
+            "paho_cpu_us_per_message": round(mqtt_us, 1),
             "gateway_share_of_lower": round(result["readings_per_s"] / lower, 2),
         }
         share = result["ceilings"]["gateway_share_of_lower"]
-        print(f"ceilings: bare pymodbus {modbus:.0f} registers/s, bare paho QoS 1 {mqtt:.0f} messages/s; "
-              f"the gateway reached {share:.0%} of the lower")  # fmt: skip
+        print(f"ceilings: bare pymodbus {modbus:.0f} registers/s, bare paho QoS 1 {mqtt:.0f} messages/s "
+              f"({mqtt_us:.1f} us CPU each); the gateway reached {share:.0%} of the lower")  # fmt: skip
         print("saved", save(f"throughput{suffix}", result))
     if args.scenario in ("outage", "all"):
         with bench(args.keep) as b:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -228,12 +229,27 @@ def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "cpu": model,
+        "python_loop_s": python_loop(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "mosquitto": version,
         "packages": packages,
     }
+
+
+def python_loop() -> float:
+    """Seconds this machine takes for ten million iterations of a pure-Python loop (best of
+    three): the same "AMD EPYC" can be twice as fast on one day's machine as on another's,
+    so results are compared only with this beside them."""
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return round(best, 2)
 
 
 def save(scenario: str, result: dict[str, Any]) -> Path:
