@@ -227,13 +227,15 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)"])
     problems: list[str] = []
-    expanded = _expand(raw, (), dict(os.environ) if env is None else env, problems)
-    if problems:
-        raise ConfigError(file, problems)
     try:
+        expanded = _expand(raw, (), dict(os.environ) if env is None else env, problems)
+        if problems:
+            raise ConfigError(file, problems)
         settings = Settings.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(err) for err in exc.errors()]) from None
+    except RecursionError:  # hundreds of levels: YAML allows it, nothing here needs it
+        raise ConfigError(file, ["nested too deeply"]) from None
     return _resolve_files(settings, file)
 
 
@@ -317,6 +319,8 @@ def load(path: str | Path) -> Settings:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, [f"not UTF-8 text (byte {exc.start}): save it as UTF-8"]) from None
     return parse(text, file)
 
 

@@ -55,16 +55,37 @@ def test_types_are_those_of_safe_load() -> None:
 
 
 def test_an_alias_is_the_anchored_object_itself() -> None:
-    doc = yamlload.load("a: &x [1]\nb: *x\nm: &m {self: *m}\n")
+    doc = yamlload.load("a: &x [1]\nb: *x\nc: &s text\nd: *s\n")
     assert doc["a"] is doc["b"]
-    assert doc["m"]["self"] is doc["m"]
+    assert doc["c"] is doc["d"]
+
+
+@pytest.mark.parametrize("text", ["m: &m {self: *m}\n", "a: &a [1, [*a]]\n"])
+def test_a_collection_inside_itself_is_refused(text: str) -> None:
+    assert reference(text)  # safe_load builds it; the config would recurse on it forever
+    with pytest.raises(yaml.YAMLError, match="refers to a collection from inside it"):
+        yamlload.load(text)
+
+
+def test_a_second_anchor_of_the_same_name_is_refused_as_safe_load_does() -> None:
+    with pytest.raises(yaml.YAMLError, match="duplicate anchor"):
+        reference("a: &x 1\nb: &x 2\n")
+    with pytest.raises(yaml.YAMLError, match="duplicate anchor 'x'"):
+        yamlload.load("a: &x 1\nb: &x 2\n")
 
 
 def test_merge_keys_follow_the_spec_explicit_first_then_the_earlier_mapping() -> None:
     # yaml.org/type/merge.html: keys of the earlier mapping in the sequence override the later.
     doc = yamlload.load("a: &a {speed: 1, x: 1}\nb: &b {speed: 2, x: 2, z: 2}\nc:\n  <<: [*a, *b]\n  x: 3\n")
     assert doc["c"] == {"speed": 1, "x": 3, "z": 2}
-    assert list(doc["c"]) == ["speed", "x", "z"]
+    assert list(doc["c"]) == ["speed", "x", "z"]  # merged keys first, the earlier mapping's first
+
+
+def test_nested_merges_follow_the_spec() -> None:
+    # m1 is {y: 1, z: 1} (its own keys beat what it merges), so m2 merges z: 1.
+    doc = yamlload.load("m0: &m0 {y: 0, z: 0}\nm1: &m1 {z: 1, <<: [*m0], y: 1}\nm2: {<<: *m1, y: 2}\n")
+    assert doc["m1"] == {"y": 1, "z": 1}
+    assert doc["m2"] == {"y": 2, "z": 1}
 
 
 @pytest.mark.parametrize(
@@ -93,9 +114,27 @@ def test_errors_are_those_of_safe_load(text: str, problem: str | None, line: int
     assert (mark.line + 1, mark.column) == (line, expected.value.problem_mark.column)  # type: ignore[attr-defined]
 
 
-def test_collection_tags_are_refused_with_their_line() -> None:
-    with pytest.raises(yaml.YAMLError, match=r"tag:yaml\.org,2002:set is not supported") as err:
-        yamlload.load("a: 1\ns: !!set {a, b}\n")
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a: 1\ns: !!set {a, b}\n", r"tag:yaml\.org,2002:set is not supported"),
+        ("a: 1\ns: !!map foo\n", r"tag:yaml\.org,2002:map does not fit a scalar"),
+        ("a: 1\ns: !!seq\n", r"tag:yaml\.org,2002:seq does not fit a scalar"),
+    ],
+)
+def test_collection_tags_are_refused_with_their_line(text: str, problem: str) -> None:
+    with pytest.raises(yaml.YAMLError, match=problem) as err:
+        yamlload.load(text)
+    assert err.value.problem_mark.line == 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("scalar", ["2026-13-45", '!!int ""', "!!float _", "!!bool maybe", "!!timestamp foo"])
+def test_scalars_safe_load_fails_on_without_a_mark_get_one(scalar: str) -> None:
+    with pytest.raises(Exception) as expected:  # noqa: PT011 - ValueError, IndexError, KeyError, ...
+        reference(f"a: 1\nb: {scalar}\n")
+    assert not isinstance(expected.value, yaml.YAMLError)
+    with pytest.raises(yaml.YAMLError) as err:
+        yamlload.load(f"a: 1\nb: {scalar}\n")
     assert err.value.problem_mark.line == 1  # type: ignore[attr-defined]
 
 
@@ -107,7 +146,22 @@ def test_deep_nesting_needs_no_recursion() -> None:
     assert doc == []
 
 
+def test_a_config_nested_too_deeply_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config.parse("gateway:\n  x: " + "[" * 900 + "]" * 900 + "\n", "plant.yaml", env={})
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "plant.yaml"
+    path.write_bytes(b"gateway:\n  id: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"(?s)plant\.yaml.*not UTF-8 text \(byte 18\)"):
+        config.load(path)
+
+
 def test_an_impossible_date_is_a_config_error_with_its_line() -> None:
     # safe_load raises a bare ValueError here, which would have escaped as a traceback.
-    with pytest.raises(ConfigError, match=r"line 2, column \d+: not valid YAML: '2026-13-45': month must be"):
+    with pytest.raises(
+        ConfigError,
+        match=r"line 2, column \d+: not valid YAML: '2026-13-45' is not a valid timestamp: month must",
+    ):
         config.parse("gateway:\n  installed: 2026-13-45\n", "plant.yaml", env={})
