@@ -100,8 +100,9 @@ class Gateway:
         outbox = await Outbox.open(
             s.outbox.path, max_rows=s.outbox.max_rows, max_bytes=s.outbox.max_bytes, policy=s.outbox.policy
         )
-        collectors = [(device, make_collector(device, s.pki_dir)) for device in s.devices]
+        collectors: list[tuple[Device, Collector]] = []
         try:
+            collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
             out = _output(s, outbox, collectors)
             async with asyncio.TaskGroup() as tasks:
                 link = tasks.create_task(out.connection.run(), name="mqtt")
