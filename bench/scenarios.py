@@ -150,8 +150,15 @@ def mqtt_ceiling(b: Bench, *, count: int = 50_000, inflight: int = 200) -> tuple
     client.max_inflight_messages_set(0)  # the loop below is the window, as in the gateway
     client.on_publish = on_publish
     client.connect("127.0.0.1", port)
+    deadline = time.monotonic() + 120
+
+    def turn(timeout: float) -> None:
+        rc = client.loop(timeout)
+        if rc != paho.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
+            raise SystemExit(f"paho ceiling: {paho.error_string(rc)} after {acked} messages")
+
     while not client.is_connected():
-        client.loop(0.1)
+        turn(0.1)
     payload = (
         b'{"value":21.5,"quality":"Good","timestamp":"2026-11-24T12:00:00.123Z","unit":"Cel","seq":1042}'
     )
@@ -162,7 +169,7 @@ def mqtt_ceiling(b: Bench, *, count: int = 50_000, inflight: int = 200) -> tuple
         while sent < count and sent - acked < inflight:
             client.publish(f"bench/s/a/l/press-1/r{sent % 100}", payload, qos=1)
             sent += 1
-        client.loop(1.0)
+        turn(1.0)
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu
     client.disconnect()
