@@ -362,8 +362,13 @@ class OpcUaSimulator:
 
     async def _run(self) -> None:
         last_clock = 0.0
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.tick)
+            # Every `tick` from the start, not `tick` after each round of writes: with many
+            # monitored items a round takes a while, and the values would change less often.
+            due = max(due + self.tick, loop.time())  # a late round is not made up in a burst
+            await asyncio.sleep(due - loop.time())
             if self._frozen:
                 continue
             await self._publish()
