@@ -12,13 +12,14 @@ from bench.harness import bench, save
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenario", choices=["throughput", "outage", "scale", "all"])
+    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "all"])
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
     p.add_argument("--devices", type=int, default=4, help="simulated presses (default 4)")
     p.add_argument("--tags", type=int, default=100, help="tags per press, at most 100 (default 100)")
     p.add_argument("--poll", type=float, default=0.05, help="poll interval in seconds (default 0.05)")
+    p.add_argument("--items", type=int, default=500, help="opcua: monitored items (default 500)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--duration", type=float, default=20.0, help="measuring window, seconds (default 20)")
     p.add_argument("--down", type=float, default=30.0, help="outage: broker down for this long (default 30)")
@@ -52,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceilings: bare pymodbus {modbus:.0f} registers/s, bare paho QoS 1 {mqtt:.0f} messages/s "
               f"({mqtt_us:.1f} us CPU each); the gateway reached {share:.0%} of the lower")  # fmt: skip
         print("saved", save(f"throughput{suffix}", result))
+    if args.scenario in ("opcua", "all"):
+        with bench(args.keep) as b:
+            result = scenarios.opcua(
+                b, items=args.items, fmt=args.format, warmup=args.warmup, duration=args.duration
+            )
+        print("saved", save(f"opcua{suffix}", result))
     if args.scenario in ("outage", "all"):
         with bench(args.keep) as b:
             result = scenarios.outage(b, down=args.down, warmup=args.warmup, **load)

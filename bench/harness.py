@@ -115,6 +115,14 @@ class Bench:
         wait_port(port)
         return p
 
+    def opcua_simulator(self, port: int) -> Proc:
+        p = self.proc(
+            "opcua-simulator", sys.executable, "-m", "gateway", "simulate", "opcua", "--port", str(port),
+            "--seed", "1", "--pki", str(self.workdir / "simulator-pki"),
+        )  # fmt: skip
+        wait_port(port, within=30)  # asyncua takes a while to start
+        return p
+
     def gateway(self, config: dict[str, Any]) -> Proc:
         path = self.workdir / "gateway.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -181,6 +189,26 @@ def modbus_config(
             for u in range(1, devices + 1)
         ],
     }  # fmt: skip
+
+
+# Simulator variables that change at every tick (0.1 s) whatever the machines do (noise on
+# temperatures that never settle): each monitored item on them is a reading every 0.1 s.
+OPCUA_TICKING = ("ns=2;s=CNC1.Temperature", "ns=2;s=Packer1.SealTemperature")
+OPCUA_TICK = 0.1
+
+
+def opcua_config(broker: int, simulator: int, outbox: Path, *, items: int, fmt: str) -> dict[str, Any]:
+    """One OPC UA device subscribing to `items` monitored items, in turn on the ticking
+    variables (a server keeps a monitored item per item, even on the same node)."""
+    config = modbus_config(broker, simulator, outbox, devices=1, tags=1, poll="1s", fmt=fmt)
+    # A queue of 4 per item: two ticks that land in one publishing interval lose no value.
+    item = {"sampling_interval": "100ms", "queue_size": 4}
+    tags = [{"name": f"i{i}", "node": OPCUA_TICKING[i % len(OPCUA_TICKING)], **item} for i in range(items)]
+    config["devices"] = [
+        {"name": "cnc-1", "protocol": "opcua", "endpoint": f"opc.tcp://127.0.0.1:{simulator}",
+         "mode": "subscribe", "publishing_interval": "100ms", "tags": tags}
+    ]  # fmt: skip
+    return config
 
 
 def outbox_depth(path: Path) -> int:

@@ -15,7 +15,17 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pymodbus.client import AsyncModbusTcpClient
 
-from bench.harness import Bench, Proc, merge, modbus_config, outbox_depth, percentile, ports
+from bench.harness import (
+    OPCUA_TICK,
+    Bench,
+    Proc,
+    merge,
+    modbus_config,
+    opcua_config,
+    outbox_depth,
+    percentile,
+    ports,
+)
 from gateway.errors import OutboxError
 from gateway.outbox import read_stats
 
@@ -28,6 +38,7 @@ class _Load:
 
     broker: Proc
     broker_port: int
+    simulator: Proc
     counter: Proc
     counter_out: Path
     outbox: Path
@@ -38,13 +49,13 @@ def _load(b: Bench, *, devices: int, tags: int, poll: float, fmt: str) -> _Load:
     """Start N presses polled every `poll` s, a broker, the counter, then the gateway."""
     broker_port, sim_port = ports(2)
     broker = b.broker(broker_port)
-    b.simulator(sim_port, devices)
+    simulator = b.simulator(sim_port, devices)
     counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
     outbox = b.workdir / "outbox.db"
     config = modbus_config(
         broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
     )
-    return _Load(broker, broker_port, counter, counter_out, outbox, b.gateway(config))
+    return _Load(broker, broker_port, simulator, counter, counter_out, outbox, b.gateway(config))
 
 
 def _latency(counts: dict[str, Any], first: float, last: float) -> dict[str, float | None]:
@@ -63,50 +74,77 @@ def throughput(
 ) -> dict[str, Any]:
     """Steady load: readings/s at the subscriber, gateway CPU per 1,000 readings, RSS, latency."""
     load = _load(b, devices=devices, tags=tags, poll=poll, fmt=fmt)
+    offered = devices * tags / poll
+    parameters = {"devices": devices, "tags": tags, "poll_s": poll, "format": fmt}
+    result = _steady(load, parameters, offered, fmt=fmt, warmup=warmup, duration=duration)
+    what = f"{devices} x {tags} tags every {poll:g} s"
+    print(f"throughput {fmt}: {what} (offered {offered:.0f}/s): {_summary(result)}")
+    return result
+
+
+def opcua(b: Bench, *, items: int, fmt: str, warmup: float, duration: float) -> dict[str, Any]:
+    """The same over OPC UA: one server, `items` monitored items that each change every tick."""
+    broker_port, sim_port = ports(2)
+    broker = b.broker(broker_port)
+    simulator = b.opcua_simulator(sim_port)
+    counter, counter_out = b.counter(broker_port, TOPICS[fmt], fmt)
+    outbox = b.workdir / "outbox.db"
+    gateway = b.gateway(opcua_config(broker_port, sim_port, outbox, items=items, fmt=fmt))
+    load = _Load(broker, broker_port, simulator, counter, counter_out, outbox, gateway)
+    offered = items / OPCUA_TICK
+    parameters = {"items": items, "publishing_interval_s": OPCUA_TICK, "format": fmt}
+    result = _steady(load, parameters, offered, fmt=fmt, warmup=warmup, duration=duration)
+    print(f"opcua {fmt}: {items} monitored items changing every {OPCUA_TICK:g} s (offered {offered:.0f}/s): "
+          f"{_summary(result)}")  # fmt: skip
+    return result
+
+
+def _steady(
+    load: _Load, parameters: dict[str, Any], offered: float, *, fmt: str, warmup: float, duration: float
+) -> dict[str, Any]:
+    """Measure a running load over a window of whole seconds after `warmup`, then stop it."""
     gateway, counter, counter_out, outbox = load.gateway, load.counter, load.counter_out, load.outbox
     time.sleep(warmup)
     # Whole seconds, so the counter's one-second buckets fall entirely inside the window.
     start = int(time.time()) + 1
     time.sleep(start - time.time())
+    # The others' CPU too: it shows which process saturates first.
+    others = {"broker": load.broker, "simulator": load.simulator, "counter": counter}
+    others0 = {name: p.cpu() for name, p in others.items()}
     cpu0 = gateway.cpu()
     time.sleep(duration)
     cpu1 = gateway.cpu()
+    shares = {name: round((p.cpu() - others0[name]) / duration, 3) for name, p in others.items()}
     rss, peak = gateway.memory()
     depth = outbox_depth(outbox)
     gateway.stop()
     counter.stop()
     counts = json.loads(counter_out.read_text())
     received = _received(counts, start, start + duration)
-    rate = received / duration
     cpu = cpu1 - cpu0
-    latency = _latency(counts, start, start + duration)
-    result: dict[str, Any] = {
-        "parameters": {
-            "devices": devices,
-            "tags": tags,
-            "poll_s": poll,
-            "format": fmt,
-            "warmup_s": warmup,
-            "window_s": duration,
-        },
-        "offered_per_s": devices * tags / poll,
-        "readings_per_s": round(rate),
+    return {
+        "parameters": {**parameters, "warmup_s": warmup, "window_s": duration},
+        "offered_per_s": offered,
+        "readings_per_s": round(received / duration),
         "gateway_cpu_share": round(cpu / duration, 3),
         "gateway_cpu_ms_per_1000": round(cpu / received * 1e6, 1) if received else None,
         "gateway_rss_mb": round(rss / 2**20, 1),
         "gateway_peak_rss_mb": round(peak / 2**20, 1),
-        "latency_ms": latency,
+        "latency_ms": _latency(counts, start, start + duration),
         "outbox_depth_at_end": depth,
         "seq": counts["seq"] if fmt == "uns" else None,
+        "other_cpu_shares": shares,
     }
-    offered = devices * tags / poll
-    print(
-        f"throughput {fmt}: {devices} x {tags} tags every {poll:g} s (offered {offered:.0f}/s): "
-        f"{rate:.0f} readings/s, CPU {cpu / duration:.0%} of a core = "
+
+
+def _summary(result: dict[str, Any]) -> str:
+    latency = result["latency_ms"]
+    return (
+        f"{result['readings_per_s']} readings/s, CPU {result['gateway_cpu_share']:.0%} of a core = "
         f"{result['gateway_cpu_ms_per_1000']} ms per 1,000 readings, RSS {result['gateway_rss_mb']} MB "
-        f"(peak {result['gateway_peak_rss_mb']}), latency p50 {latency['p50']} ms p99 {latency['p99']} ms"
+        f"(peak {result['gateway_peak_rss_mb']}), latency p50 {latency['p50']} ms p99 {latency['p99']} ms; "
+        + ", ".join(f"{name} {share:.0%}" for name, share in result["other_cpu_shares"].items())
     )
-    return result
 
 
 def modbus_ceiling(b: Bench, *, devices: int, tags: int, duration: float) -> float:
