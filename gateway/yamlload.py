@@ -51,11 +51,10 @@ _MERGE_KEY = object()  # the scalar `<<`
 class _Mapping:
     """A mapping being built: its explicit pairs, its merges, and a key awaiting its value."""
 
-    __slots__ = ("event", "key", "merges", "value")
+    __slots__ = ("key", "merges", "value")
 
-    def __init__(self, value: dict[Any, Any], event: Event) -> None:
-        self.value = value
-        self.event = event
+    def __init__(self) -> None:
+        self.value: dict[Any, Any] = {}
         self.key: Any = _NO_KEY
         self.merges: list[dict[Any, Any]] = []  # merged mappings, in order of precedence
 
@@ -112,7 +111,7 @@ def _document(loader: Any) -> Any:
                 raise ConstructorError(
                     None, None, f"the tag {event.tag} is not supported in a config file", _at(event)
                 )
-            container: list[Any] | _Mapping = [] if default == _SEQ else _Mapping({}, event)
+            container: list[Any] | _Mapping = [] if default == _SEQ else _Mapping()
             if event.anchor is not None:
                 _anchor(anchors, event, container if isinstance(container, list) else container.value)
             stack.append(container)
@@ -130,7 +129,7 @@ def _document(loader: Any) -> Any:
             if value is _MERGE_KEY:
                 _undefined(loader, event)
             return value
-        _add(loader, stack[-1], value, event)
+        _add(loader, stack[-1], starts[-1], value, event)
 
 
 def _anchor(anchors: dict[str, Any], event: Any, value: Any) -> None:
@@ -178,7 +177,8 @@ def _undefined(loader: Any, event: Event) -> None:
     loader.construct_undefined(ScalarNode(_MERGE, "<<", _at(event), _end(event)))
 
 
-def _add(loader: Any, parent: list[Any] | _Mapping, value: Any, event: Event) -> None:
+def _add(loader: Any, parent: list[Any] | _Mapping, opened: Event, value: Any, event: Event) -> None:
+    """Put `value` (made from `event`) into `parent`, the collection that `opened` began."""
     if isinstance(parent, list):
         if value is _MERGE_KEY:
             _undefined(loader, event)
@@ -187,7 +187,7 @@ def _add(loader: Any, parent: list[Any] | _Mapping, value: Any, event: Event) ->
         if not isinstance(value, Hashable):
             raise ConstructorError(
                 "while constructing a mapping",
-                _at(parent.event),
+                _at(opened),
                 "found unhashable key",
                 _at(event),
             )
@@ -196,13 +196,13 @@ def _add(loader: Any, parent: list[Any] | _Mapping, value: Any, event: Event) ->
         if value is _MERGE_KEY:
             _undefined(loader, event)
         if parent.key is _MERGE_KEY:
-            _merge(parent, value, event)
+            _merge(parent, opened, value, event)
         else:
             parent.value[parent.key] = value
         parent.key = _NO_KEY
 
 
-def _merge(parent: _Mapping, value: Any, event: Event) -> None:
+def _merge(parent: _Mapping, opened: Event, value: Any, event: Event) -> None:
     """`<<: mapping` or `<<: [mappings]`."""
     found = value if isinstance(value, list) else [value]
     for m in found:
@@ -211,7 +211,7 @@ def _merge(parent: _Mapping, value: Any, event: Event) -> None:
             expected = "a mapping" if m is not value else "a mapping or list of mappings"
             raise ConstructorError(
                 "while constructing a mapping",
-                _at(parent.event),
+                _at(opened),
                 f"expected {expected} for merging, but found {kind}",
                 _at(event),
             )
