@@ -230,7 +230,7 @@ def outage(
     backlog = outbox_depth(outbox)
     b.broker(broker_port)  # same port, same persistence: the counter's session survives
     restarted = time.time()
-    # The gateway reconnects after its backoff (up to 30 s): the drain starts when the outbox
+    # The gateway reconnects after its backoff (up to 5 s): the drain starts when the outbox
     # starts to shrink, and ends when it is back to its steady depth (what is in flight).
     threshold = max(2 * steady, 1000)
     reconnected: float | None = None
