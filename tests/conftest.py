@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import (
     MakeMosquitto,
@@ -21,6 +22,11 @@ from tests.helpers import (
 )
 
 __all__ = ["MakeMosquitto", "Subscribe"]  # re-exported: tests import them from here too
+
+# Property-based tests: no deadline (timing belongs in bench/, and a loaded 2-core machine
+# would make one flaky); each test bounds its own number of examples.
+settings.register_profile("millwright", deadline=None)
+settings.load_profile("millwright")
 
 # Tasks a test started get this long to end after it (pymodbus's close() cancels a task
 # without awaiting it, and aiosqlite hands results back a loop turn later).
