@@ -254,10 +254,14 @@ class Session:
         self.pending.clear()
 
     def abort(self, reason: str) -> None:
-        """Close the socket without DISCONNECT: the broker will publish the will."""
+        """Close the socket without DISCONNECT: the broker will publish the will. Safe to
+        call again, in any state: before the socket is open, while it opens, after a loss."""
         c = self.client
         sock = c.socket()
-        if sock is not None:
+        # paho keeps the socket object after we closed it (its fd is then -1, and the event
+        # loop refuses it): a second abort, e.g. a cancel during connect followed by the
+        # connection's own cleanup, must not touch it again.
+        if sock is not None and sock.fileno() != -1:
             self.loop.remove_reader(sock)
             self.loop.remove_writer(sock)
             # paho still holds the socket and closes it again when garbage-collected;
