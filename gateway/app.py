@@ -97,9 +97,10 @@ class Gateway:
 
     async def run(self) -> None:
         s = self.settings
-        outbox = await Outbox.open(
-            s.outbox.path, max_rows=s.outbox.max_rows, max_bytes=s.outbox.max_bytes, policy=s.outbox.policy
-        )
+        outbox = await self._open_outbox()
+        if outbox is None:
+            log.info("gateway %s stopped before its outbox opened", s.gateway.id)
+            return
         collectors: list[tuple[Device, Collector]] = []
         try:
             collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
@@ -126,6 +127,22 @@ class Gateway:
                 await collector.close()
             await outbox.close()
         log.info("gateway %s stopped", s.gateway.id)
+
+    async def _open_outbox(self) -> Outbox | None:
+        """The outbox, or None if `stop()` came first: opening waits while the disk is full."""
+        s = self.settings.outbox
+        opening = asyncio.create_task(
+            Outbox.open(s.path, max_rows=s.max_rows, max_bytes=s.max_bytes, policy=s.policy), name="outbox"
+        )
+        stopping = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            await asyncio.wait([opening, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (opening, stopping):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait([opening, stopping])
+        return None if opening.cancelled() else opening.result()
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@
     │   ├── BrokerUnavailable  not connected; the batch is released back to the outbox
     │   └── MessagesRefused    the broker refused some messages for good; the rest were confirmed
     └── OutboxError            the local buffer cannot be used
+        └── OutboxLocked       another gateway process holds it; the CLI exits 2
 
 Library exceptions (pymodbus, paho, sqlite3) are translated into these once, at the
 boundary where they are raised, so the engine never imports a protocol library.
@@ -69,3 +70,15 @@ class MessagesRefused(PublishError):
 
 class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
+
+
+class OutboxLocked(OutboxError):
+    """Another process (a second gateway on the same config) holds the outbox's lock."""
+
+    def __init__(self, path: str, holder: int | None) -> None:
+        self.holder = holder
+        who = f"millwright (pid {holder})" if holder is not None else "another millwright process"
+        super().__init__(
+            f"outbox {path} is in use by {who}: one gateway per outbox "
+            "(stop the other one, or give this config its own outbox.path)"
+        )

@@ -11,24 +11,38 @@ deleted, so a consumer can detect gaps and duplicates.
 For a Sparkplug replay the consumer can split the rows in two lanes (`begin_replay`): the
 rows committed so far (history) and those committed later (live), leased separately so that
 a long backlog does not hold up live values.
+
+A full disk is a cap like `max_rows`, not a crash. The outbox keeps a reserve of free space
+(`_reserve`): below it, new rows must fit in pages the database already has (freed by acks or
+by evicting the oldest rows, per the policy), or they are refused and counted. The reserve is
+what lets SQLite keep working: a checkpoint may have to grow the file by up to one WAL, and
+without a checkpoint the WAL cannot start over, so no row could be written, not even deleted.
+If the disk fills up anyway (another program), a write that fails is retried once after a
+checkpoint, and then refused (appends) or retried until there is room (acks).
+
+One process per file: `open` takes an exclusive lock on `<path>.lock`, so a second gateway
+started on the same config cannot publish the same rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
-from gateway.errors import OutboxError
+from gateway.backoff import Backoff
+from gateway.errors import OutboxError, OutboxLocked
 from gateway.model import Batch, Entry, Quality, Reading, iso_millis
 
 log = logging.getLogger(__name__)
@@ -52,6 +66,19 @@ _MEASURE_EVERY = 32
 # A full episode ends when the outbox drains below this share of the cap: ending it at the cap
 # would log two lines per batch while the publisher is slower than the pollers.
 _LOW_WATER = 0.9
+
+# The WAL is checkpointed (and truncated back) at this size: SQLite's default of 1,000 pages,
+# or an eighth of max_bytes (which counts the WAL too), at least 64 KiB.
+_WAL_LIMIT = 4 * 1024 * 1024
+_WAL_MIN = 64 * 1024
+# Free disk space kept beyond two WALs (see the module docstring): room for the -shm and
+# for one more batch, so that the reserve is not eaten by the write that crosses it.
+_RESERVE_MARGIN = 1024 * 1024
+# Below this much free space an outbox that fails to open is taken to be on a full disk:
+# start-up then waits for room instead of exiting (systemd would restart it into the same).
+_OPEN_ROOM = 1024 * 1024
+# What a row is taken to need before the file has been measured (value, names, index).
+_ROW_GUESS = 200
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reading (
@@ -101,11 +128,13 @@ _LAST_SEQ_SOURCES = (
 )
 
 _Row = tuple[str, str, str | None, int, int, float | None, float, str | None]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxStats:
-    """A snapshot of the outbox. `bytes` is the database file size (page count x page size)."""
+    """A snapshot of the outbox. `bytes` is what its files take: the database (page count x
+    page size) and its WAL."""
 
     depth: int
     oldest_age: float | None
@@ -118,17 +147,27 @@ class _Corrupt(Exception):
     """The file is damaged: not a database, malformed, or quick_check failed."""
 
 
+class _DiskFull(Exception):
+    """SQLite could not write: the disk is full (SQLITE_FULL). The transaction was rolled back."""
+
+
 class Outbox:
     """Durable bounded FIFO of readings, for many appenders and one consumer."""
 
     def __init__(
-        self, db: aiosqlite.Connection, path: Path, *, state: tuple[int, int, int, int],
+        self, db: aiosqlite.Connection, path: Path, *, state: tuple[int, int, int, int], lock: int,
         max_rows: int, max_bytes: int | None, policy: str, clock: Callable[[], float],
     ) -> None:  # fmt: skip
         """Use `Outbox.open`."""
         self._db = db
         self.path = path
-        self._max_rows, self._max_bytes, self._policy, self._clock = max_rows, max_bytes, policy, clock
+        self._wal = Path(f"{path}-wal")
+        self._lock_fd = lock  # held (flock) until close
+        self.wal_limit = _wal_limit(max_bytes)
+        # max_bytes counts the WAL too: the rows get what its limit leaves (checkpoints keep the
+        # WAL there; one large transaction may pass it until the next checkpoint).
+        row_bytes = None if max_bytes is None else max_bytes - self.wal_limit
+        self._max_rows, self._max_bytes, self._policy, self._clock = max_rows, row_bytes, policy, clock
         # In-memory mirrors of the database (no COUNT(*) per append), changed only after a commit.
         self._count, self._dropped, self._last_seq, self._page_size = state
         # One connection, so one transaction at a time: every use of it takes this lock.
@@ -149,6 +188,11 @@ class Outbox:
         # The current "outbox full" episode, if any.
         self._full_since: float | None = None
         self._full_dropped = 0
+        # Drops counted while the disk was too full to store the count: saved with the next write.
+        self._unsaved_dropped = 0
+        self._reserve = 2 * self.wal_limit + _RESERVE_MARGIN
+        self._low_disk = False  # free space was below the reserve at the last append
+        self._stuck = False  # the disk was too full for SQLite to write at all
 
     @classmethod
     async def open(
@@ -168,18 +212,30 @@ class Outbox:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
-        db = await _connect(path, clock)
+        lock = _lock(path)
+        try:
+            db = await _connect_when_there_is_room(path, clock)
+        except BaseException:
+            os.close(lock)
+            raise
         try:
             count, dropped, last_seq, page_size = next(iter(await db.execute_fetchall(_STATE)))
             state = (count, dropped, last_seq or 0, page_size)
             outbox = cls(
-                db, path, state=state, max_rows=max_rows, max_bytes=max_bytes, policy=policy, clock=clock
-            )
+                db, path, state=state, lock=lock, max_rows=max_rows, max_bytes=max_bytes, policy=policy,
+                clock=clock,
+            )  # fmt: skip
+            # Checkpoint at the WAL's limit, and truncate it back to the limit after a burst.
+            await db.execute(f"PRAGMA wal_autocheckpoint = {max(outbox.wal_limit // page_size, 1)}")
+            await db.execute(f"PRAGMA journal_size_limit = {outbox.wal_limit}")
             if max_bytes is not None:
                 await outbox._measure(count)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             await db.close()
-            raise OutboxError(f"outbox {path}: {exc}") from exc
+            os.close(lock)
+            if isinstance(exc, sqlite3.Error):
+                raise OutboxError(f"outbox {path}: {exc}") from exc
+            raise
         return outbox
 
     async def append(self, readings: Sequence[Reading]) -> None:
@@ -202,27 +258,113 @@ class Outbox:
 
     async def _append(self, rows: list[_Row]) -> None:
         async with self._lock:
-            async with self._transaction("append"):
-                refused = evicted = 0
-                if self._policy == "drop_newest":
-                    room = max(self._max_rows - self._count, 0)
-                    if self._max_bytes is not None and await self._used_bytes(self._count) > self._max_bytes:
-                        room = 0
-                    refused = max(len(rows) - room, 0)
-                    rows = rows[:room]
-                if rows:
-                    await self._db.executemany(_INSERT, rows)
-                if self._policy == "drop_oldest":
-                    evicted = await self._evict(self._count + len(rows))
-                if refused or evicted:
-                    await self._db.execute(_ADD_DROPPED, (refused + evicted,))
-            # Committed. One writer and AUTOINCREMENT: the new rows took the next len(rows) seqs.
-            self._count += len(rows) - evicted
-            self._last_seq += len(rows)
-            if rows:
+            try:
+                stored, evicted, refused, disk_full = await self._write(
+                    "append", lambda retry: self._insert(rows, disk_full=retry)
+                )
+            except _DiskFull as exc:
+                # Nothing of this batch could be written, even after a checkpoint: refused,
+                # counted, and the pollers go on (the next append may find room).
+                self._dropped += len(rows)
+                self._unsaved_dropped += len(rows)
+                self._note_dropped(len(rows), self._disk_reason())
+                if not self._stuck:
+                    self._stuck = True
+                    log.error("outbox %s: SQLite cannot write (%s): new readings are refused and counted "
+                              "until the disk has room", self.path, exc)  # fmt: skip
+                return
+            # Committed. One writer and AUTOINCREMENT: the new rows took the next `stored` seqs.
+            self._count += stored - evicted
+            self._last_seq += stored
+            self._dropped += refused + evicted
+            if stored:
                 self._ready.set()
             if refused or evicted:
-                self._note_dropped(refused + evicted)
+                self._note_dropped(refused + evicted, self._disk_reason() if disk_full else None)
+            elif self._full_since is not None and await self._has_room():
+                self._end_episode()
+
+    async def _insert(self, rows: list[_Row], *, disk_full: bool) -> tuple[int, int, int, bool]:
+        """Inside a transaction: insert `rows` under the caps, by the policy. Returns the rows
+        stored, evicted and refused, and whether the disk counted as full. `disk_full` says so
+        up front (a retry after SQLite found the disk full)."""
+        refused = evicted = 0
+        disk_full = disk_full or not self._disk_has_room(len(rows))
+        if self._policy == "drop_newest":
+            room = max(self._max_rows - self._count, 0)
+            if self._max_bytes is not None and await self._used_bytes(self._count) > self._max_bytes:
+                room = 0
+            refused = max(len(rows) - room, 0)
+            rows = rows[:room]
+        if disk_full:
+            stored, evicted = await self._fit(rows)
+            refused += len(rows) - stored
+            rows = rows[:stored]
+        elif rows:
+            await self._db.executemany(_INSERT, rows)
+        if self._policy == "drop_oldest":
+            evicted += await self._evict(self._count - evicted + len(rows))
+        if refused or evicted:
+            await self._db.execute(_ADD_DROPPED, (refused + evicted,))
+        return len(rows), evicted, refused, disk_full
+
+    async def _fit(self, rows: list[_Row]) -> tuple[int, int]:
+        """Insert `rows` without growing the database (a disk below its reserve): into free
+        pages and the room left in others. Under drop_oldest, evict the oldest rows until they
+        fit (doubling the eviction each try); otherwise, or with nothing left to evict, the
+        rows are refused. Returns the rows stored and evicted."""
+        db = self._db
+        if not db.in_transaction:
+            # sqlite3 opens its implicit transaction at the first INSERT, not at a SAVEPOINT, and
+            # a savepoint outside a transaction commits when released.
+            await db.execute("BEGIN")
+        pages = await self._page_count()
+        evicted = 0
+        evict = len(rows)
+        for _ in range(8):
+            await db.execute("SAVEPOINT fit")
+            await db.executemany(_INSERT, rows)
+            grew = await self._page_count() > pages
+            if grew:
+                await db.execute("ROLLBACK TO fit")
+            await db.execute("RELEASE fit")
+            if not grew:
+                return len(rows), evicted
+            if self._policy != "drop_oldest" or evicted >= self._count:
+                break
+            evicted += await self._delete_oldest(evict)
+            evict *= 2
+        return 0, evicted
+
+    async def _page_count(self) -> int:
+        (pages,) = next(iter(await self._db.execute_fetchall("PRAGMA page_count")))
+        return int(pages)
+
+    async def _write(self, what: str, work: Callable[[bool], Awaitable[_T]]) -> _T:
+        """Run `work` in one transaction, with the drop count an earlier full disk kept from
+        being saved. If SQLite finds the disk full: checkpoint (a WAL that can start over
+        again is room), then once more with `work(True)`. Raises _DiskFull when that fails too."""
+        for retry in (False, True):
+            try:
+                async with self._transaction(what):
+                    if self._unsaved_dropped:
+                        await self._db.execute(_ADD_DROPPED, (self._unsaved_dropped,))
+                    result = await work(retry)
+            except _DiskFull:
+                if retry:
+                    raise
+                await self._checkpoint()
+                continue
+            self._unsaved_dropped = 0
+            if self._stuck:
+                self._stuck = False
+                log.info("outbox %s: writing again", self.path)
+            if self._low_disk:
+                # The WAL grows by every write until a checkpoint lets it start over: on a disk
+                # this full, start it over after each one, so it takes no more than it has.
+                await self._checkpoint()
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _evict(self, count: int) -> int:
         """drop_oldest, inside the append's transaction: delete the oldest rows until under both caps."""
@@ -342,22 +484,44 @@ class Outbox:
 
     async def ack(self, batch: Batch, *, refused: int = 0) -> None:
         """Delete the batch's rows: the broker has confirmed them, or refused `refused` of
-        them for good (those are counted as dropped)."""
-        if batch.entries:
-            await asyncio.shield(self._ack(batch.entries[0].seq, batch.last_seq, refused))
+        them for good (those are counted as dropped).
 
-    async def _ack(self, first: int, last: int, refused: int) -> None:
+        On a full disk the delete is tried again until it goes through (publishing waits
+        meanwhile: nothing it sends could be acked either); cancelled meanwhile, the rows stay
+        and are published again after a restart (at-least-once)."""
+        if not batch.entries:
+            return
+        first, last = batch.entries[0].seq, batch.last_seq
+        retry = Backoff(initial=0.1, cap=2.0)  # between tries while the disk is full
+        while not await asyncio.shield(self._ack(first, last, refused)):
+            if retry.attempts == 0:
+                log.warning("outbox %s: %s: published readings are deleted once there is room",
+                            self.path, self._disk_reason())  # fmt: skip
+            await asyncio.sleep(retry.next())
+        if retry.attempts:
+            log.info("outbox %s: deleting published readings again", self.path)
+
+    async def _ack(self, first: int, last: int, refused: int) -> bool:
+        """One try at the delete; False if the disk was too full for it."""
         async with self._lock:
-            async with self._transaction("ack"):
+
+            async def delete(retry: bool) -> int:
                 # The batch is a seq range: one consumer leases in order. Rows in it that
                 # drop_oldest already deleted are simply not there any more.
                 cursor = await self._db.execute(_ACK, (first, last))
                 if refused:
                     await self._db.execute(_ADD_DROPPED, (refused,))
-            self._count -= cursor.rowcount
+                return cursor.rowcount
+
+            try:
+                deleted = await self._write("ack", delete)
+            except _DiskFull:
+                return False
+            self._count -= deleted
             self._dropped += refused
             if self._full_since is not None and await self._has_room():
                 self._end_episode()
+            return True
 
     async def release(self, batch: Batch) -> None:
         """Un-lease the batch: its rows, and any leased after them, are leased again, first."""
@@ -378,14 +542,25 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read stats: {exc}") from exc
         age = None if oldest is None else self._clock() - oldest
-        return OutboxStats(self._count, age, self._dropped, pages * self._page_size, self._last_seq)
+        size = pages * self._page_size + _size(self._wal)
+        return OutboxStats(self._count, age, self._dropped, size, self._last_seq)
 
     async def close(self) -> None:
         """Wait for a write in progress, report an unfinished full episode, close the file."""
         async with self._lock:
             if self._full_since is not None:
                 self._end_episode()
-            await self._db.close()
+            if self._unsaved_dropped:
+                with contextlib.suppress(_DiskFull, OutboxError):
+                    await self._write("save the drop count", _nothing)
+                if self._unsaved_dropped:
+                    log.warning("outbox %s: %d dropped readings could not be counted in the file (disk "
+                                "full); `outbox stats` will show that many fewer", self.path,
+                                self._unsaved_dropped)  # fmt: skip
+            try:
+                await self._db.close()
+            finally:
+                os.close(self._lock_fd)
 
     @contextlib.asynccontextmanager
     async def _transaction(self, what: str) -> AsyncIterator[None]:
@@ -397,21 +572,52 @@ class Outbox:
             # Whatever failed, leave no half-done transaction for the next commit to pick up.
             await self._db.rollback()
             if isinstance(exc, sqlite3.Error):
+                if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+                    raise _DiskFull(str(exc)) from exc
                 raise OutboxError(f"outbox {self.path}: cannot {what}: {exc}") from exc
             raise
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database, so that the next write can start it over again."""
+        try:
+            await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the disk is still full: the retry will tell
+            log.debug("outbox %s: checkpoint failed: %s", self.path, exc)
+
+    def _free(self) -> int:
+        """Free bytes on the outbox's file system, for this (unprivileged) process."""
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def _disk_has_room(self, rows: int) -> bool:
+        """Whether the disk has room for `rows` more rows beyond its reserve (one statfs(2)).
+        If not, they must fit in the pages the database already has (`_fit`)."""
+        need = int(rows * (self._row_bytes or _ROW_GUESS) * 1.5)
+        self._low_disk = self._free() < self._reserve + need
+        return not self._low_disk
+
+    def _disk_reason(self) -> str:
+        return f"the disk is full ({self._free() // 1024} kB free, {self._reserve // 1024} kB kept free)"
 
     async def _has_room(self) -> bool:
         if self._count > self._max_rows * _LOW_WATER:
             return False
+        if self._free() < self._reserve:
+            return False
         return self._max_bytes is None or await self._measure(self._count) <= self._max_bytes * _LOW_WATER
 
-    def _note_dropped(self, n: int) -> None:
-        self._dropped += n
+    def _note_dropped(self, n: int, reason: str | None = None) -> None:
+        """Count `n` more dropped readings in this episode; the first drop logs why."""
         self._full_dropped += n
         if self._full_since is None:
             self._full_since = self._clock()
             what = "dropping the oldest readings" if self._policy == "drop_oldest" else "refusing new ones"
-            log.warning("outbox %s is full: %s until it has room (policy %s)", self.path, what, self._policy)
+            if reason is None:
+                log.warning("outbox %s is full: %s until it has room (policy %s)", self.path, what,
+                            self._policy)  # fmt: skip
+            else:
+                log.warning("outbox %s: %s: %s until there is room (policy %s)", self.path, reason, what,
+                            self._policy)  # fmt: skip
 
     def _end_episode(self) -> None:
         assert self._full_since is not None
@@ -420,6 +626,83 @@ class Outbox:
             self._full_dropped, self._policy, iso_millis(self._full_since),
         )  # fmt: skip
         self._full_since, self._full_dropped = None, 0
+
+
+async def _nothing(retry: bool) -> None:
+    """A write with no work of its own (it saves what `_write` carries: the drop count)."""
+
+
+def _wal_limit(max_bytes: int | None) -> int:
+    if max_bytes is None:
+        return _WAL_LIMIT
+    return max(_WAL_MIN, min(_WAL_LIMIT, max_bytes // 8))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _lock(path: Path) -> int:
+    """Take the exclusive lock of the outbox at `path` (the file `<path>.lock`, which says the
+    holder's pid); its fd. The lock goes with the process, so a killed gateway leaves none."""
+    lock_path = path.with_name(f"{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutboxError(f"outbox {path}: cannot create its directory: {exc.strerror or exc}") from exc
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise OutboxError(
+            f"outbox {path}: cannot open its lock file {lock_path}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        raise OutboxLocked(str(path), holder) from None
+    except OSError as exc:
+        os.close(fd)
+        raise OutboxError(f"outbox {path}: cannot lock {lock_path}: {exc.strerror or exc}") from exc
+    # Only for the message another instance prints: a full disk may refuse it, harmlessly.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+async def _connect_when_there_is_room(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:
+    """`_connect`, waiting while it fails on a full disk: exiting would only make systemd
+    restart the gateway into the same failure, every few seconds, for as long as it lasts."""
+    backoff = Backoff(initial=1.0, cap=10.0)
+    while True:
+        try:
+            db = await _connect(path, clock)
+        except OutboxError as exc:
+            st = os.statvfs(path.parent)
+            free = st.f_bavail * st.f_frsize
+            if free >= _OPEN_ROOM:
+                raise
+            if backoff.attempts == 0:
+                log.error("outbox %s cannot be opened: the disk is full (%d kB free): %s; waiting for room",
+                          path, free // 1024, exc)  # fmt: skip
+            await asyncio.sleep(backoff.next())
+            continue
+        if backoff.attempts:
+            log.info("outbox %s opened: the disk has room again", path)
+        return db
 
 
 def _entries(rows: Iterable[Sequence[Any]]) -> list[Entry]:
@@ -433,10 +716,6 @@ def _entries(rows: Iterable[Sequence[Any]]) -> list[Entry]:
 
 async def _connect(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:
     """Open and check the file; a corrupt one is moved aside and replaced, once."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutboxError(f"outbox {path}: cannot create its directory: {exc.strerror or exc}") from exc
     try:
         return await _prepare(path)
     except _Corrupt as exc:
@@ -502,9 +781,9 @@ async def _prepare(path: Path) -> aiosqlite.Connection:
         # last transactions (the file stays consistent). FULL would fsync every append, which
         # the 20,000 readings/s target cannot afford on SD cards; we keep NORMAL on purpose.
         await db.execute("PRAGMA synchronous = NORMAL")
-        # After a burst the WAL is truncated back to this size at checkpoint, not left large.
-        await db.execute("PRAGMA journal_size_limit = 4194304")
-        await db.executescript(_SCHEMA)
+        if version < SCHEMA_VERSION:
+            # Only a new file: the schema writes, and an existing outbox must open on a full disk.
+            await db.executescript(_SCHEMA)
     except sqlite3.DatabaseError as exc:
         await db.close()
         if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
@@ -551,4 +830,4 @@ def read_stats(path: Path) -> OutboxStats:
     except sqlite3.Error as exc:
         raise OutboxError(f"{path}: cannot read the outbox: {exc}") from exc
     age = None if oldest is None else time.time() - oldest
-    return OutboxStats(count, age, dropped, pages * page_size, last_seq or 0)
+    return OutboxStats(count, age, dropped, pages * page_size + _size(Path(f"{path}-wal")), last_seq or 0)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import settings
 from tests.helpers import (
     MakeMosquitto,
     Mosquitto,
+    SmallDisk,
     Subscribe,
     Subscriber,
     is_long_lived,
@@ -116,3 +118,21 @@ def subscriber() -> Iterator[Subscribe]:
     yield subscribe
     for sub in made:
         sub.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], SmallDisk]]:
+    """`small_disk(size)` -> a tmpfs of `size` bytes, mounted (needs root; `make test` runs
+    as root in CI) and unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    disks: list[SmallDisk] = []
+
+    def make(size: int) -> SmallDisk:
+        disk = SmallDisk(tmp_path / f"disk-{len(disks)}", size).mount()
+        disks.append(disk)
+        return disk
+
+    yield make
+    for disk in disks:
+        disk.unmount()

@@ -272,3 +272,56 @@ class Subscriber:
 
 Subscribe = Callable[..., Subscriber]
 """The `subscriber` fixture: `subscriber(broker, topic_filter="#", **Subscriber options)`."""
+
+
+class SmallDisk:
+    """A tmpfs of `size` bytes mounted on `path` (as root), to run out of space for real.
+
+    `fill(leave)` takes all but `leave` bytes of it with a filler file (as another program
+    filling the disk would); `free()` deletes the filler again."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._filler = path / "filler"
+        self._mounted = False
+
+    def mount(self) -> SmallDisk:
+        if os.geteuid() != 0:
+            raise PermissionError("mounting a tmpfs needs root (make test runs the suite as root)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(self.path)],
+            check=True,
+            capture_output=True,
+        )
+        self._mounted = True
+        return self
+
+    def available(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave: int = 0) -> None:
+        """Grow the filler until only `leave` bytes (rounded to pages) are free."""
+        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            take = self.available() - leave
+            if take > 0:
+                with suppress(OSError):  # ENOSPC on the last page: the disk is as full as it gets
+                    os.posix_fallocate(fd, os.fstat(fd).st_size, take)
+            if leave == 0:
+                # tmpfs may keep a few pages back from fallocate; write until it says no.
+                with suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self._filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        if self._mounted:
+            subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True)
+            self._mounted = False

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import OutboxError
+from gateway.errors import OutboxError, OutboxLocked
 from gateway.model import Batch, Quality, Reading, Value
 from gateway.outbox import Outbox, read_stats
 
@@ -281,21 +281,32 @@ async def test_full_episode_is_logged_once_and_summed_at_the_end(
 BIG = "x" * 1000
 
 
+def on_disk(path: Path) -> int:
+    """What the outbox's files take: the database and its WAL."""
+    wal = Path(f"{path}-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
-async def test_max_bytes_caps_the_file(path: Path, policy: str) -> None:
-    cap = 300_000  # about 73 pages: ~250 readings of 1 kB
+async def test_max_bytes_caps_the_file_and_its_wal(path: Path, policy: str) -> None:
+    cap = 1_000_000  # about 240 pages: ~850 readings of 1 kB, with an eighth kept for the WAL
     box = await Outbox.open(path, max_bytes=cap, policy=policy)
     try:
-        for _ in range(40):
+        largest = 0
+        for _ in range(80):
             await box.append(readings([BIG] * 50))
+            largest = max(largest, on_disk(path))
         stats = await box.stats()
         assert stats.dropped > 0
-        assert stats.depth + stats.dropped == 2000  # every reading is stored or counted
-        # The file may pass the cap by one append: new rows go in before the old ones go out.
-        assert stats.bytes <= cap + 20 * 4096  # 50 readings of 1 kB fill about 17 pages
+        assert stats.depth + stats.dropped == 4000  # every reading is stored or counted
+        assert stats.bytes == on_disk(path)
+        # The files may pass the cap by one append: new rows go in before the old ones go
+        # out, and its WAL frames stay until the next checkpoint. 50 readings of 1 kB fill
+        # about 17 pages; their eviction writes as many again.
+        assert largest <= cap + 40 * 4096
         batch = await box.lease(10_000)
         expected = (
-            list(range(2001 - stats.depth, 2001))
+            list(range(4001 - stats.depth, 4001))
             if policy == "drop_oldest"
             else list(range(1, stats.depth + 1))
         )
@@ -335,7 +346,7 @@ async def test_corrupt_file_is_moved_aside(path: Path, caplog: pytest.LogCapture
     finally:
         await box.close()
     moved = path.with_name("outbox.db.corrupt-20231114T221320Z")
-    assert files(path.parent) == ["outbox.db", "outbox.db.corrupt-20231114T221320Z"]
+    assert files(path.parent) == ["outbox.db", "outbox.db.corrupt-20231114T221320Z", "outbox.db.lock"]
     assert read(moved) == GARBAGE
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert str(path) in record.getMessage()
@@ -510,3 +521,48 @@ async def test_replay_with_nothing_pending_keeps_one_lane(outbox: Outbox) -> Non
     assert not outbox.replaying
     await outbox.append(readings([2]))
     assert seqs(await outbox.lease(10, live=True)) == [2]
+
+
+async def test_one_process_per_outbox(path: Path) -> None:
+    box = await Outbox.open(path)
+    try:
+        with pytest.raises(OutboxLocked, match=rf"in use by millwright \(pid {os.getpid()}\)") as info:
+            await Outbox.open(path)
+        assert info.value.holder == os.getpid()
+    finally:
+        await box.close()
+    box = await Outbox.open(path)  # released at close
+    await box.close()
+
+
+async def test_the_lock_goes_with_a_killed_process(path: Path) -> None:
+    """kill -9 leaves the lock file, not the lock: the next gateway opens the outbox."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD, str(path), stdout=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), timeout=20) == b"open\n"
+        with pytest.raises(OutboxLocked, match=rf"pid {holder.pid}\)"):
+            await Outbox.open(path)
+    finally:
+        holder.kill()
+        await holder.wait()
+    assert path.with_name("outbox.db.lock").exists()
+    box = await Outbox.open(path)
+    await box.close()
+
+
+HOLD = """
+import asyncio, sys, time
+from pathlib import Path
+from gateway.outbox import Outbox
+
+async def main():
+    await Outbox.open(Path(sys.argv[1]))
+    print("open", flush=True)
+    time.sleep(60)
+
+asyncio.run(main())
+"""

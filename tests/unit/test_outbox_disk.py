@@ -1,0 +1,132 @@
+"""The outbox on a disk that runs out of space for real (a small tmpfs): the disk is a cap
+like max_rows, never a crash, and the outbox recovers by itself when space comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from gateway.model import Batch, Quality, Reading
+from gateway.outbox import Outbox, read_stats
+from tests.helpers import SmallDisk, eventually
+
+MB = 1024 * 1024
+VALUE = "v" * 100  # about 200 bytes a row with its names and index
+
+
+def readings(n: int, start: int = 0) -> list[Reading]:
+    return [Reading("press-1", f"t{start + i}", VALUE, Quality.GOOD, 0, None, 1000.0 + i) for i in range(n)]
+
+
+async def fill_outbox(box: Outbox, disk: SmallDisk, batches: int) -> int:
+    """Append `batches` batches of 100 readings; return how many were offered."""
+    for i in range(batches):
+        await box.append(readings(100, start=i * 100))
+    return batches * 100
+
+
+def seqs(batch: Batch) -> list[int]:
+    return [e.seq for e in batch.entries]
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+async def test_low_disk_is_a_cap_not_a_crash(
+    small_disk: Callable[[int], SmallDisk], policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = small_disk(24 * MB)
+    box = await Outbox.open(disk.path / "outbox.db", policy=policy)
+    try:
+        await fill_outbox(box, disk, 20)
+        # Another program takes the disk down to 2 MB free: below the outbox's reserve.
+        disk.fill(leave=2 * MB)
+        offered = 2000 + await fill_outbox(box, disk, 50)
+        stats = await box.stats()
+        assert stats.dropped > 0
+        assert stats.depth + stats.dropped == offered  # every reading is stored or counted
+        assert disk.available() > MB  # the outbox kept off the reserve
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings  # once per episode, not per batch
+        assert "the disk is full" in warnings[0]
+        batch = await box.lease(100_000)
+        if policy == "drop_oldest":  # the newest kept, in order
+            assert seqs(batch) == list(range(offered - stats.depth + 1, offered + 1))
+        else:  # the oldest kept
+            assert seqs(batch) == list(range(1, stats.depth + 1))
+        await box.release(batch)
+
+        # Space comes back: every reading is stored again, and the episode ends once.
+        disk.free()
+        before = (await box.stats()).dropped
+        await box.append(readings(100))
+        assert (await box.stats()).dropped == before
+        assert any("outbox full: dropped" in r.getMessage() for r in caplog.records)
+    finally:
+        await box.close()
+
+
+async def test_full_disk_refuses_and_counts_then_recovers(
+    small_disk: Callable[[int], SmallDisk], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Filled to the last byte (SQLite says SQLITE_FULL): appends are refused and counted, an
+    ack waits for room; nothing raises. When space returns, both go on by themselves."""
+    disk = small_disk(24 * MB)
+    path = disk.path / "outbox.db"
+    box = await Outbox.open(path)
+    try:
+        offered = await fill_outbox(box, disk, 10)
+        leased = await box.lease(500)
+        disk.fill(leave=0)
+        for i in range(30):  # the WAL fills up; from then on each append is refused
+            await box.append(readings(100, start=i))
+            offered += 100
+        stats = await box.stats()
+        assert stats.dropped > 0
+        assert stats.depth + stats.dropped == offered
+        ack = asyncio.create_task(box.ack(leased))
+        await eventually(
+            lambda: any("deleted once there is room" in r.getMessage() for r in caplog.records) or ack.done(),
+            timeout=20,
+            what="the ack to wait, or to go through",
+        )
+        disk.free()
+        await asyncio.wait_for(ack, timeout=20)
+        await box.append(readings(100))
+        offered += 100
+        stats = await box.stats()
+        assert stats.depth + stats.dropped == offered - 500  # 500 acked
+    finally:
+        await box.close()
+    # The drops counted while nothing could be written are in the file too.
+    assert read_stats(path).dropped == stats.dropped
+
+
+async def test_open_on_a_full_disk_waits_for_room(
+    small_disk: Callable[[int], SmallDisk], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart with the disk still full must not exit (systemd would restart it into the
+    same failure, in a loop): it waits, says so once, and opens when there is room."""
+    disk = small_disk(24 * MB)
+    path = disk.path / "outbox.db"
+    box = await Outbox.open(path)
+    await box.append(readings(100))
+    await box.close()  # the clean close removes the -shm: a new one needs space
+    disk.fill(leave=0)
+    opening = asyncio.create_task(Outbox.open(path))
+    try:
+        await eventually(
+            lambda: any("waiting for room" in r.getMessage() for r in caplog.records),
+            timeout=20,
+            what="the wait to be logged",
+        )
+        assert not opening.done()
+        disk.free()
+        box = await asyncio.wait_for(opening, timeout=30)
+    finally:
+        opening.cancel()
+    try:
+        assert (await box.stats()).depth == 100
+    finally:
+        await box.close()
