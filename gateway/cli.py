@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, config
-from gateway.errors import ConfigError, OutboxError
+from gateway.errors import ConfigError, GatewayError, OutboxError, OutboxLocked
 
+EXIT_FAILURE = 1  # the gateway cannot go on (e.g. its outbox is unusable): systemd restarts it
 EXIT_CONFIG = 2  # bad config or usage: systemd must not restart into the same error
+# An error the gateway did not expect (a bug), as sysexits' EX_SOFTWARE: told apart from the
+# expected failures above, so that a supervisor or a user can see it asks for a bug report.
+EXIT_INTERNAL = 70
 # Certificates of the interactive commands (browse, simulate opcua); the service keeps its
 # own next to its outbox (gateway.pki_dir).
 STATE = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "millwright"
@@ -168,17 +172,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
-        print(f"millwright: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OutboxError as exc:
-        print(f"millwright: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:  # e.g. `millwright sparkplug decode ... | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
         return 141
+    except BaseException as exc:  # every way out gets one line and an exit status
+        return report_failure(exc)
+
+
+def report_failure(exc: BaseException) -> int:
+    """Print one line for what ended the command and return its exit status.
+
+    The TaskGroup of `millwright run` wraps whatever ended it in an exception group; the
+    user is shown the first real cause, not the group's traceback. A GatewayError is
+    expected (its message says it all); anything else is a bug: its traceback goes to the
+    log, for a report, and the line says so."""
+    leaves = _leaves(exc)
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        return 130
+    if any(isinstance(e, SystemExit) for e in leaves):
+        code = next(e.code for e in leaves if isinstance(e, SystemExit))
+        return code if isinstance(code, int) else EXIT_FAILURE
+    configs = [e for e in leaves if isinstance(e, ConfigError)]
+    if configs:
+        print(f"millwright: {configs[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    bugs = [e for e in leaves if not isinstance(e, GatewayError)]
+    if not bugs:
+        first = leaves[0]
+        # Its message names the cause already (e.g. SQLite's); the traceback only with -v.
+        log.debug("stopping", exc_info=first)
+        print(f"millwright: {first}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(first, OutboxLocked) else EXIT_FAILURE
+    first_bug = bugs[0]  # a bug beside an expected error is still a bug: it is what to report
+    log.critical("internal error, stopping", exc_info=first_bug)
+    print(
+        f"millwright: internal error: {type(first_bug).__name__}: {first_bug} "
+        "(the traceback is in the log above; please report it)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order; `exc` itself if none."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _dispatch(args: argparse.Namespace) -> int:
