@@ -239,12 +239,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _sparkplug_decode(args.file, hex_lines=args.hex, topic=args.topic)
     if args.command == "simulate":
         _logging("debug" if args.verbose else "info")
-        if args.protocol == "opcua":
-            from simulators.opcua import serve as serve_opcua
+        try:
+            if args.protocol == "opcua":
+                from simulators.opcua import serve as serve_opcua
 
-            asyncio.run(serve_opcua(args.host, args.port, args.seed, args.pki))
-            return 0
-        return _simulate(args)
+                asyncio.run(serve_opcua(args.host, args.port, args.seed, args.pki))
+                return 0
+            return _simulate(args)
+        except OSError as exc:
+            # The port is taken (or not ours to bind): the one thing a user can do wrong here.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            print(f"millwright: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            return EXIT_FAILURE
     if args.command == "browse":
         _logging("debug" if args.verbose else "warning")
         return _browse(args)
