@@ -32,11 +32,13 @@ class _Outage:
 
     A device counts as back only after a read succeeded: one that accepts the TCP
     connection and then drops it is still down, and must not log "recovered" per retry.
+    Likewise "connected" is logged after the first good read of each connection.
     """
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.since: float | None = None
+        self.announced = False  # "connected" logged for the current connection
 
     def begin(self, reason: str) -> bool:
         """Mark the device down; True if it was up until now."""
@@ -45,6 +47,11 @@ class _Outage:
         log.warning("device %s unreachable: %s", self.device, reason)
         self.since = time.monotonic()
         return True
+
+    def connected(self, collector: Collector) -> None:
+        if not self.announced:
+            self.announced = True
+            log.info("device %s connected (%s)", self.device, collector.summary())
 
     def end(self) -> None:
         if self.since is not None:
@@ -73,6 +80,7 @@ async def poll(
     outage = _Outage(collector.name)
     while True:
         try:
+            outage.announced = False
             await collector.connect()
             await _read_forever(collector, every, sink, stats=stats, backoff=backoff, outage=outage)
         except DeviceError as exc:
@@ -96,6 +104,7 @@ async def _read_forever(
     due = loop.time()
     while True:
         readings = await collector.read()
+        outage.connected(collector)
         outage.end()
         backoff.reset()
         stats.cycles += 1

@@ -464,8 +464,12 @@ async def test_requests_are_batched(sim: OpcUaSimulator, make_collector: MakeCol
     collector.batch = 3  # below the simulator's limits (10000), so ours applies
     await collector.connect()
     values = await collect(collector, lambda seen: len(seen) == len(tags))
+    n = len(tags)
     if mode == "subscribe":
-        assert collector.monitored == len(tags)
+        assert collector.monitored == n
+        assert collector.summary() == f"{n} tags, {n} monitored items"
+    else:
+        assert collector.summary() == f"{n} tags, {-(-n // 3)} reads per poll"
     check_values({TAGS[i]["name"]: values[f"t{i}"] for i in range(len(TAGS))}, time.time())
     for i in range(len(TAGS), len(tags)):  # every result went to its own tag: same node, same kind
         r, first = values[f"t{i}"], values[f"t{i % len(TAGS)}"]

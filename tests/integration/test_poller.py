@@ -16,6 +16,7 @@ from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.model import Quality, Reading
 from gateway.poller import PollStats, poll
 from simulators.modbus import ModbusSimulator
+from tests.helpers import eventually
 
 TAGS = [
     {"name": "temperature", "table": "holding", "address": 0, "type": "float32"},
@@ -131,3 +132,32 @@ async def test_a_read_that_overruns_skips_ticks_and_counts_them(
     assert stats.cycles >= 1
     assert stats.missed >= 1
     assert stats.cycles < 12  # no burst of catch-up reads after each slow one
+
+
+async def test_connected_is_logged_once_per_connection_that_reads(
+    sims: tuple[ModbusSimulator, ModbusSimulator], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user reads in the log that the PLCs are being read: once per connection, after its
+    first good read, so a device that accepts and hangs up at once logs it no more."""
+    sim, _ = sims
+    stats = PollStats()
+    caplog.set_level(logging.INFO, logger="gateway.poller")
+    connected = "device press connected (2 tags, 2 requests)"
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    task = asyncio.create_task(
+        poll(ModbusCollector(device("press", sim.port)), 0.05, Sink(), stats=stats,
+             backoff=Backoff(initial=0.05, cap=0.1))
+    )  # fmt: skip
+    try:
+        await eventually(lambda: said(connected) == 1, timeout=10, what="the first connect")
+        sim.faults.drop_connections = True  # accepts, then hangs up
+        sim.drop_clients()
+        await eventually(lambda: stats.failures >= 5, timeout=20, what="several reconnects")
+        sim.faults.drop_connections = False
+        await eventually(lambda: said("press recovered") == 1, timeout=20, what="the recovery")
+    finally:
+        await cancel([task])
+    assert said(connected) == 2, [r.getMessage() for r in caplog.records]

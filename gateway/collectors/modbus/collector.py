@@ -205,6 +205,10 @@ class ModbusCollector:
         readings = (bad(self.name, c.name, status, now, c.unit) for c in self._codecs.values())
         return [r for r in readings if admit(r)]
 
+    def summary(self) -> str:
+        """`17 tags, 4 requests`: the tags and the requests that read them each poll."""
+        return f"{_count(len(self._codecs), 'tag')}, {_count(len(self._plan.requests), 'request')}"
+
     def describe(self) -> dict[str, Any]:
         """Metadata for the retained `_meta` message.
 
@@ -310,6 +314,10 @@ class ModbusCollector:
     def _bad(self, request: Request, status: int, now: float) -> list[Reading]:
         codecs = self._codecs
         return [bad(self.name, t.name, status, now, codecs[t.name].unit) for t in request.tags]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _mismatch(answer: _Answer, function: int, size: int) -> tuple[Status, str, str]:

@@ -197,6 +197,15 @@ class OpcUaCollector:
         readings = (bad(self.name, t.name, status, now, t.config.unit) for t in self._tags)
         return buffered + [r for r in readings if admit_state(r)]
 
+    def summary(self) -> str:
+        """`12 tags, 12 monitored items` (subscribe mode) or `12 tags, 1 read per poll`."""
+        tags = f"{len(self._tags)} tag{'s' if len(self._tags) != 1 else ''}"
+        if self._subscribe:
+            items = self.monitored
+            return f"{tags}, {items} monitored item{'s' if items != 1 else ''}"
+        reads = len(self._reads or ())
+        return f"{tags}, {reads} read{'s' if reads != 1 else ''} per poll"
+
     def describe(self) -> dict[str, Any]:
         """Metadata for the retained `_meta` message. The endpoint (plant network topology)
         and the credentials are left out on purpose."""
