@@ -45,8 +45,10 @@ class Spark:
 
 
 def decode(message: Message) -> Spark | None:
+    """What the edge node sent; None for STATE and for commands (sent by the tests, some of
+    them not Sparkplug at all, on purpose)."""
     parts = message.topic.split("/")
-    if len(parts) < 3 or parts[0] != "spBv1.0" or parts[1] == "STATE":
+    if len(parts) < 3 or parts[0] != "spBv1.0" or parts[1] == "STATE" or parts[2] in ("NCMD", "DCMD"):
         return None
     payload = Payload()
     payload.ParseFromString(message.payload)

@@ -18,7 +18,7 @@ from gateway.config import MqttSettings, SparkplugSettings
 from gateway.model import Quality, Reading, Status, Value
 from gateway.outbox import Outbox
 from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode
-from gateway.publishers.sparkplug.payload import DataType
+from gateway.publishers.sparkplug.payload import DataType, Payload
 from tests.conftest import MakeMosquitto, Subscribe
 from tests.helpers import Mosquitto
 from tests.sparkplug_host import Host, Spark, mismatched_values, seq_gaps
@@ -218,3 +218,33 @@ async def test_after_a_restart_births_carry_the_backlogs_newest_values(
     reborn = [s for s in sparks if s.kind == "DBIRTH" and s.device == "m2"][-1]
     assert reborn.metric("x0").datatype == DataType.INT16
     assert mismatched_values(h.sparks) == []
+
+
+async def test_hostile_commands_leave_the_node_working(
+    mosquitto: Mosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """Garbage NCMDs, an NCMD of 5,000 unknown metrics, DCMDs to 300 made-up devices: the node
+    stays connected, keeps publishing, obeys the next real rebirth, and remembers nothing per
+    message (its warnings are one per kind)."""
+    node = make_node(mosquitto, outbox, tmp_path)
+    h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
+    running = Node(node)
+    try:
+        await h.received(lambda s: len(h.of("DBIRTH")) == 2)
+        crowd = Payload()
+        for i in range(5000):
+            crowd.metrics.add(name=f"write/{i}", datatype=DataType.DOUBLE, double_value=i)
+        h.publish("spBv1.0/g/NCMD/n", bytes(range(256)) * 4, qos=1)
+        h.publish("spBv1.0/g/NCMD/n", crowd.SerializeToString(), qos=1)
+        for i in range(300):
+            h.publish(f"spBv1.0/g/DCMD/n/device-{i}", crowd.SerializeToString()[: i * 7], qos=1)
+        h.rebirth("g", "n", int(time.time() * 1000))
+        await h.received(lambda s: len(h.of("NBIRTH")) == 2)
+        await node.append([reading("m1", "t", 7.0)])
+        await h.received(
+            lambda s: any(m.double_value == 7.0 for d in h.of("DDATA") for m in d.payload.metrics)
+        )
+        assert node.connection.connected
+    finally:
+        await running.stop()
+    assert node._warned <= {"dcmd", "ncmd-payload", "ncmd metric"}

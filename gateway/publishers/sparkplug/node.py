@@ -276,7 +276,9 @@ class SparkplugNode:
         elif topic == self._ncmd_topic:
             self._on_ncmd(data)
         else:
-            self._warn_once(topic, "DCMD on %s ignored: this gateway does not write to devices", topic)
+            # One key for every DCMD: the topics come from the network, and a key per topic
+            # would let any client grow the set without bound.
+            self._warn_once("dcmd", "DCMD on %s ignored: this gateway does not write to devices", topic)
 
     def _on_ncmd(self, data: bytes) -> None:
         try:
@@ -290,17 +292,18 @@ class SparkplugNode:
                     log.info("rebirth requested by NCMD")
                     self._birth_due = True
                     self._wake.set()
-            else:
-                self._warn_once(f"ncmd {m.name}", "NCMD metric %r ignored: not supported", m.name or m.alias)
+            else:  # (one key for all: the names come from the network)
+                self._warn_once("ncmd metric", "NCMD metric %r ignored: not supported", m.name or m.alias)
 
     def _on_state(self, data: bytes) -> None:
         try:
             doc = json.loads(data)
             online, ts = doc["online"], doc["timestamp"]
+            # (isfinite raises OverflowError for an int past a float's range: not a timestamp)
             number = isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts)
             if not isinstance(online, bool) or not number:
                 raise TypeError("online must be a boolean and timestamp a finite number")
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
             self._warn_once("state", "STATE of primary host %s ignored: not valid (%s)", self._host, exc)
             return
         if self._state_ts is not None and ts < self._state_ts:
