@@ -150,6 +150,11 @@ class BdSeqFile:
         return value
 
 
+def _clip(text: str, limit: int = 120) -> str:
+    """Text from the network, cut for a log line (a metric name may be megabytes long)."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def _ms(ts: float) -> int:
     return int(ts * 1000)
 
@@ -278,7 +283,8 @@ class SparkplugNode:
         else:
             # One key for every DCMD: the topics come from the network, and a key per topic
             # would let any client grow the set without bound.
-            self._warn_once("dcmd", "DCMD on %s ignored: this gateway does not write to devices", topic)
+            what = "DCMD on %s ignored: this gateway does not write to devices"
+            self._warn_once("dcmd", what, _clip(topic))
 
     def _on_ncmd(self, data: bytes) -> None:
         try:
@@ -293,7 +299,8 @@ class SparkplugNode:
                     self._birth_due = True
                     self._wake.set()
             else:  # (one key for all: the names come from the network)
-                self._warn_once("ncmd metric", "NCMD metric %r ignored: not supported", m.name or m.alias)
+                name = _clip(m.name) or m.alias
+                self._warn_once("ncmd metric", "NCMD metric %r ignored: not supported", name)
 
     def _on_state(self, data: bytes) -> None:
         try:
