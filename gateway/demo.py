@@ -21,7 +21,8 @@ from gateway.broker import LocalBroker
 from simulators.modbus import ModbusSimulator
 from simulators.opcua import OpcUaSimulator
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+# Packaged with the gateway (in the source tree a link to config/demo.yaml).
+DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
 
 
 def _settings(modbus_port: int, opcua: str, broker_url: str, version: str, outbox: Path) -> config.Settings:
