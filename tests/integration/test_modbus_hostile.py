@@ -306,8 +306,8 @@ async def test_poller_reports_a_device_sending_garbage_once_and_keeps_reconnecti
         "device hostile unreachable: holding 0-3 was answered with bytes that are not Modbus TCP "
         "(protocol id 21584, MBAP length 12081)"
     )
-    assert len(messages) == 2
-    assert messages[1].startswith("device hostile recovered after")
+    assert messages[1:] == ["device hostile connected (5 tags, 2 requests)", messages[2]]
+    assert messages[2].startswith("device hostile recovered after")
     assert tracebacks(caplog) == []
 
 
