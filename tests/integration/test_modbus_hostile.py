@@ -333,7 +333,8 @@ async def test_poller_keeps_polling_through_frames_pymodbus_cannot_decode(
             assert (r.quality, r.value) == (Quality.GOOD, expected[r.tag])
     assert [r.getMessage() for r in caplog.records if r.name.startswith("gateway.")] == [
         "device hostile: holding 0-3 was answered with byte count 10 with 8 data bytes "
-        "(expected byte count 8 with as many data bytes), which does not match it; its 3 tags are Bad"
+        "(expected byte count 8 with as many data bytes), which does not match it; its 3 tags are Bad",
+        "device hostile connected (5 tags, 2 requests)",  # a read (of the coils) went through
     ]
     assert tracebacks(caplog) == []
 
