@@ -9,19 +9,31 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from gateway import yamlload
+from gateway import tls, yamlload
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
-from gateway.settings_types import Duration, Model, Segment, check_unique, check_url, read_secret
+from gateway.settings_types import (
+    Bool,
+    Duration,
+    Int,
+    Model,
+    MqttString,
+    Segment,
+    check_unique,
+    check_url,
+    read_secret,
+    shown,
+)
 
 Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
 DEVICE_PROTOCOLS = ("modbus", "opcua")
@@ -45,10 +57,10 @@ class GatewaySettings(Model):
 
 class OutboxSettings(Model):
     path: Path = Field(description="SQLite file of the store-and-forward buffer; created if missing.")
-    max_rows: int = Field(
+    max_rows: Int = Field(
         default=1_000_000, ge=100, description="Most readings kept while the broker is away."
     )
-    max_bytes: int | None = Field(
+    max_bytes: Int | None = Field(
         default=None, ge=1_000_000, description="Optional cap on the database file size, in bytes."
     )
     policy: Literal["drop_oldest", "drop_newest"] = Field(
@@ -68,10 +80,13 @@ class SparkplugSettings(Model):
         description="Wait for this host application's STATE online before publishing births, and "
         "disconnect (NDEATH) when it goes offline; readings wait in the outbox meanwhile.",
     )
-    aliases: bool = Field(
+    aliases: Bool = Field(
         default=False,
         description="Give each device metric a numeric alias in its DBIRTH and send only the alias in DDATA.",
     )
+
+
+_TLS_SCHEMES = ("mqtts", "ssl")
 
 
 class MqttSettings(Model):
@@ -87,8 +102,8 @@ class MqttSettings(Model):
         default=None, description="Sparkplug B edge node settings; required with format: sparkplug."
     )
     version: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
-    client_id: str | None = Field(default=None, description="Default: millwright-<gateway id>.")
-    username: str | None = Field(
+    client_id: MqttString = Field(default=None, description="Default: millwright-<gateway id>.")
+    username: MqttString = Field(
         default=None, description="Broker user name; use ${ENV} rather than a literal."
     )
     password: str | None = Field(default=None, description="Broker password; prefer ${ENV} or password_file.")
@@ -96,13 +111,13 @@ class MqttSettings(Model):
     ca: Path | None = Field(default=None, description="CA bundle for mqtts://; default: the system store.")
     cert: Path | None = Field(default=None, description="Client certificate (PEM) for mutual TLS.")
     key: Path | None = Field(default=None, description="Client private key (PEM) for mutual TLS.")
-    tls_insecure: bool = Field(
+    tls_insecure: Bool = Field(
         default=False,
         description="Skip server certificate verification (logs a warning). Never in production.",
     )
-    keepalive: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, in seconds.")
-    batch: int = Field(default=500, ge=1, le=10_000, description="Readings published per outbox lease.")
-    max_inflight: int = Field(
+    keepalive: Int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, in seconds.")
+    batch: Int = Field(default=500, ge=1, le=10_000, description="Readings published per outbox lease.")
+    max_inflight: Int = Field(
         default=200, ge=1, le=65_535, description="QoS 1 messages awaiting PUBACK at once."
     )
     connect_timeout: Duration = Field(default=10.0, description="Give up one connection attempt after this.")
@@ -112,6 +127,28 @@ class MqttSettings(Model):
     def _url(cls, value: str) -> str:
         schemes = ("mqtt", "mqtts", "tcp", "ssl")
         return check_url(value, schemes, "scheme must be mqtt:// or mqtts://", "username and password")
+
+    @field_validator("ca", "cert", "key", "tls_insecure")
+    @classmethod
+    def _needs_tls(cls, value: Any, info: ValidationInfo) -> Any:
+        url = info.data.get("url")  # absent when the url itself is wrong
+        scheme = urlsplit(url).scheme if url else "mqtts"
+        if value not in (None, False) and scheme not in _TLS_SCHEMES:
+            # An error, not a warning: whoever wrote it believes the link is encrypted, and
+            # the fix is one letter.
+            raise ValueError(
+                f"{info.field_name} applies to mqtts:// only; the url is {scheme}://, so the "
+                "connection would not use TLS"
+            )
+        return value
+
+    @field_validator("password", "password_file")
+    @classmethod
+    def _needs_username(cls, value: Any, info: ValidationInfo) -> Any:
+        # `"username" in data`: a username that failed its own check is reported there.
+        if value is not None and "username" in info.data and info.data["username"] is None:
+            raise ValueError(f"{info.field_name} without username: give the broker's user name too")
+        return value
 
     @model_validator(mode="after")
     def _credentials(self) -> Self:
@@ -127,7 +164,7 @@ class MqttSettings(Model):
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme in ("mqtts", "ssl")
+        return urlsplit(self.url).scheme in _TLS_SCHEMES
 
     @property
     def host(self) -> str:
@@ -178,18 +215,19 @@ class Settings(Model):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand(node: Any, loc: tuple[str | int, ...], env: dict[str, str], problems: list[str]) -> Any:
-    """Replace ${NAME} in every string value; a missing variable is a config error."""
+def _expand(node: Any, loc: tuple[Any, ...], env: dict[str, str], missing: list[tuple[Any, ...]]) -> Any:
+    """Replace ${NAME} in every string value; each missing variable is noted in `missing`
+    as (*location, NAME), its location as it came (see `_in_document`)."""
     if isinstance(node, dict):
-        return {k: _expand(v, (*loc, k), env, problems) for k, v in node.items()}
+        return {k: _expand(v, (*loc, k), env, missing) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand(v, (*loc, i), env, problems) for i, v in enumerate(node)]
+        return [_expand(v, (*loc, i), env, missing) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def sub(m: re.Match[str]) -> str:
             name = m.group(1)
             if name not in env:
-                problems.append(f"{_key_path(loc)}: environment variable {name} is not set")
+                missing.append((*loc, name))
                 return ""
             return env[name]
 
@@ -197,20 +235,37 @@ def _expand(node: Any, loc: tuple[str | int, ...], env: dict[str, str], problems
     return node
 
 
+def _in_document(doc: Any, loc: tuple[Any, ...]) -> tuple[str | int, ...]:
+    """`loc` with each mapping key that is not text (`1:`, `null:`) as written, so that
+    _key_path does not take it for a list index. Walks the document, only for an error:
+    _expand's loop stays free of the check."""
+    out: list[str | int] = []
+    for part in loc:
+        out.append(part if isinstance(doc, list) or isinstance(part, str) else repr(part))
+        doc = doc[part]
+    return tuple(out)
+
+
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+
+
 def _key_path(loc: tuple[str | int, ...]) -> str:
-    """('devices', 0, 'modbus', 'tags', 2, 'address') -> devices[0].tags[2].address"""
+    """('devices', 0, 'modbus', 'tags', 2, 'address') -> devices[0].tags[2].address; a key
+    that is not a plain name is quoted in brackets: gateway['my key']."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in DEVICE_PROTOCOLS and out.endswith("]") and out.startswith("devices"):
+        elif i == 2 and loc[0] == "devices" and part in DEVICE_PROTOCOLS:
             continue  # the discriminated union's branch name is not a key in the file
-        else:
+        elif _NAME.match(part):
             out = _join(out, part)
+        else:
+            out += f"[{part!r}]"
     return out or "(top level)"
 
 
@@ -218,18 +273,20 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     """Validate config text; raise ConfigError naming `file` and every bad key path."""
     try:
         raw = yamlload.load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(file, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except (yaml.YAMLError, UnicodeEncodeError) as exc:
+        raise ConfigError(file, [_yaml_problem(exc, text)]) from None
     if raw is None:
         raise ConfigError(file, ["the file is empty"])
     if not isinstance(raw, dict):
         raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)"])
-    problems: list[str] = []
+    missing: list[tuple[Any, ...]] = []
     try:
-        expanded = _expand(raw, (), dict(os.environ) if env is None else env, problems)
-        if problems:
+        expanded = _expand(raw, (), dict(os.environ) if env is None else env, missing)
+        if missing:
+            problems = [
+                f"{_key_path(_in_document(raw, tuple(where)))}: environment variable {name} is not set"
+                for *where, name in missing
+            ]
             raise ConfigError(file, problems)
         settings = Settings.model_validate(expanded)
     except ValidationError as exc:
@@ -239,22 +296,62 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     return _resolve_files(settings, file)
 
 
+def _yaml_problem(exc: yaml.YAMLError | UnicodeEncodeError, text: str) -> str:
+    """`line L, column C: ...` for what the loader refused."""
+    if isinstance(exc, UnicodeEncodeError):  # text with a lone surrogate, which libyaml cannot take
+        where, problem = _line_column(text, exc.start), "a surrogate code point, which is not UTF-8"
+    elif isinstance(exc, yaml.reader.ReaderError):
+        # A character YAML does not allow (a control character). Its position is in bytes
+        # with libyaml; the character's first occurrence is where the reader stopped.
+        ch = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        found = text.find(ch)
+        where = _line_column(text, found if found >= 0 else exc.position)
+        problem = f"the character U+{ord(ch):04X} is not allowed in YAML ({exc.reason})"
+    else:
+        mark = getattr(exc, "problem_mark", None)
+        where = "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: "
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
+    # Refused: valid YAML (a duplicate key, an alias bomb) that a config may not hold.
+    what = "" if isinstance(exc, yamlload.Refused) else "not valid YAML: "
+    return f"{where}{what}{problem}"
+
+
+def _line_column(text: str, position: int) -> str:
+    line, start = text.count("\n", 0, position) + 1, text.rfind("\n", 0, position) + 1
+    return f"line {line}, column {position - start + 1}: "
+
+
+# What each file setting must name, for the message when it names a directory.
+_FILES = {
+    "ca": "the CA certificate file (PEM)",
+    "cert": "the client certificate file (PEM)",
+    "key": "the client private key file (PEM)",
+    "password_file": "the file whose first line is the password",
+}
+
+
 def _resolve_files(settings: Settings, file: str) -> Settings:
     """Make relative paths relative to the config file (not to wherever the service
-    started), and check now that the files the MQTT connection will need are there."""
+    started), and check now that the files the MQTT connection will need are there and
+    load: a bad one found at `run` would stop the service with less to go on."""
     base = Path(file).resolve().parent
-    outbox = settings.outbox.model_copy(update={"path": base / settings.outbox.path})
-    found: dict[str, Path] = {}
     problems: list[str] = []
-    for key in ("ca", "cert", "key", "password_file"):
+    outbox = settings.outbox.model_copy(update={"path": _outbox_path(base, settings.outbox.path, problems)})
+    found: dict[str, Path] = {}
+    for key, what in _FILES.items():
         value = getattr(settings.mqtt, key)
-        if value is None:
-            continue
-        found[key] = _file(base, value, f"mqtt.{key}", problems, secret=key == "password_file")
+        if value is not None:
+            found[key] = _file(base, value, f"mqtt.{key}", what, problems, secret=key == "password_file")
+    mqtt = settings.mqtt.model_copy(update=found)
+    missing = any(p.startswith(("mqtt.ca:", "mqtt.cert:", "mqtt.key:")) for p in problems)
+    if mqtt.tls and (mqtt.ca or mqtt.cert) and not missing:
+        try:
+            tls.client_context(mqtt, file)
+        except ConfigError as exc:
+            problems += exc.problems
     devices = [_resolve_device(d, i, base, problems) for i, d in enumerate(settings.devices)]
     if problems:
         raise ConfigError(file, problems)
-    mqtt = settings.mqtt.model_copy(update=found)
     gateway = settings.gateway
     if gateway.pki_dir is not None:
         gateway = gateway.model_copy(update={"pki_dir": base / gateway.pki_dir})
@@ -263,15 +360,47 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
     )
 
 
-def _file(base: Path, value: Path, where: str, problems: list[str], *, secret: bool) -> Path:
-    """`value` relative to the config file's folder; a problem noted if it is missing, or
-    (for a secret) empty."""
-    path = base / value.expanduser()
-    if not path.is_file():
-        problems.append(f"{where}: no such file: {path}")
-    elif secret and not path.read_text(encoding="utf-8").strip():
-        problems.append(f"{where}: the file is empty: {path}")
+def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
+    """The outbox file relative to the config file; a problem noted if it cannot be one (the
+    gateway creates the file and its missing folders, so neither need exist yet)."""
+    path = base / _home(value)
+    if path.is_dir():
+        problems.append(
+            f"outbox.path: {shown(path)} is a directory; give the database file, "
+            f"e.g. {shown(path / 'outbox.db')}"
+        )
+    else:
+        folder = next((p for p in path.parents if p.exists()), None)
+        if folder is not None and not folder.is_dir():
+            problems.append(f"outbox.path: {shown(path)}: {shown(folder)} is a file, not a directory")
     return path
+
+
+def _file(base: Path, value: Path, where: str, what: str, problems: list[str], *, secret: bool) -> Path:
+    """`value` relative to the config file's folder; a problem noted if it is missing, a
+    directory, or (for a secret) unreadable or empty."""
+    path = base / _home(value)
+    if path.is_dir():
+        problems.append(f"{where}: {shown(path)} is a directory; give {what}")
+    elif not path.is_file():
+        problems.append(f"{where}: no such file: {shown(path)}")
+    elif secret:
+        try:
+            if not path.read_text(encoding="utf-8").strip():
+                problems.append(f"{where}: the file is empty: {shown(path)}")
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {shown(path)}: {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            problems.append(f"{where}: {shown(path)} is not UTF-8 text")
+    return path
+
+
+def _home(path: Path) -> Path:
+    """`~` and `~user` expanded; left as written when there is no such home."""
+    try:
+        return path.expanduser()
+    except RuntimeError:  # ~nobody-here/x: the "no such file" that follows says enough
+        return path
 
 
 def _resolve_device(
@@ -284,18 +413,45 @@ def _resolve_device(
     update: dict[str, Any] = {}
     if security.password_file is not None:
         where = f"devices[{index}].security.password_file"
-        update["password_file"] = _file(base, security.password_file, where, problems, secret=True)
+        what = _FILES["password_file"]
+        update["password_file"] = _file(base, security.password_file, where, what, problems, secret=True)
     trusted = security.server_certificate
     if trusted is not None and as_fingerprint(trusted) is None:
-        path = base / Path(trusted).expanduser()
-        if not path.exists():
-            problems.append(
-                f"devices[{index}].security.server_certificate: no such file or directory: {path}"
-            )
+        path = base / _home(Path(trusted))
+        problem = _server_certificate_problem(trusted, path)
+        if problem is not None:
+            problems.append(f"devices[{index}].security.server_certificate: {problem}")
         update["server_certificate"] = str(path)
     if not update:
         return device
     return device.model_copy(update={"security": security.model_copy(update=update)})
+
+
+def _server_certificate_problem(setting: str, path: Path) -> str | None:
+    """What is wrong with a server_certificate that is not a fingerprint, or None."""
+    if path.is_dir():
+        return None  # a trust directory may still be empty: `browse` and the log say what to copy in
+    if path.is_file():
+        # Imported here: it brings asyncua (0.7 s), which only such a config needs.
+        from gateway.collectors.opcua.security import certificate_fingerprints
+
+        try:
+            certificate_fingerprints(path)
+        except OSError as exc:
+            return f"cannot read {shown(path)}: {exc.strerror or exc}"
+        except ValueError:
+            return f"{shown(path)} is not a certificate (DER or PEM)"
+        return None
+    digits = setting.replace(":", "").replace(" ", "")
+    if digits and all(c in "0123456789abcdefABCDEF" for c in digits):
+        return (
+            f"{setting!r} looks like a SHA-256 fingerprint, with {len(digits)} hex digits where 64 "
+            "are needed (and no file or directory has that name)"
+        )
+    return (
+        f"no such file or directory: {shown(path)}; give the server certificate's SHA-256 fingerprint "
+        "(64 hex digits), its certificate file (DER or PEM), or a directory of trusted certificates"
+    )
 
 
 def _describe(err: Any) -> str:
@@ -305,11 +461,43 @@ def _describe(err: Any) -> str:
     elif err["type"] == "missing":
         msg = "required key is missing"
     elif err["type"] == "union_tag_invalid":
-        protocol = err["input"].get("protocol")
-        msg = f"unknown protocol {protocol!r}; expected one of {', '.join(DEVICE_PROTOCOLS)}"
+        protocol = err["input"].get("protocol") if isinstance(err["input"], dict) else None
+        msg = f"unknown protocol {reprlib.repr(protocol)}; expected one of {', '.join(DEVICE_PROTOCOLS)}"
     elif err["type"] == "union_tag_not_found":
         msg = f"protocol: is missing; expected one of {', '.join(DEVICE_PROTOCOLS)}"
+    elif err["type"] == "invalid_key":
+        # The key is the last part of the location; shown as an index it would mislead.
+        key = reprlib.repr(err["input"])
+        return f"{_key_path(err['loc'][:-1])}: unknown key {key} (a key is a name, such as id)"
+    elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        # Not pydantic's "a valid dictionary or instance of GatewaySettings".
+        msg = f"expected a mapping (key: value), not {_kind(err['input'])}"
+    elif err["type"] == "list_type":
+        msg = f"expected a list (- item), not {_kind(err['input'])}"
+    elif err["type"] in _TYPE_ERRORS:
+        msg = f"{msg}, not {_kind(err['input'])}"
+        if err["type"] == "string_type" and isinstance(err["input"], int | float):
+            msg += " (quote it to make it text)"
+        elif err["type"] != "string_type" and isinstance(err["input"], str):
+            # Quoted numbers, and every ${NAME}: substitution always gives text.
+            msg += " (write numbers and true/false without quotes; a ${NAME} is always text)"
+    elif err["type"] == "string_unicode":
+        msg = "not UTF-8 text (a surrogate code point: from an environment variable holding other bytes?)"
     return f"{_key_path(err['loc'])}: {msg}"
+
+
+_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type")
+
+
+def _kind(value: Any) -> str:
+    """What was given, without the value itself unless it is a boolean or null (the value
+    may be a secret, e.g. a password written as a number)."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if value is None:
+        return "null (an empty value)"
+    kinds = {int: "an integer", float: "a decimal number", str: "text", list: "a list", dict: "a mapping"}
+    return kinds.get(type(value), f"a value of type {type(value).__name__}")
 
 
 def load(path: str | Path) -> Settings:

@@ -11,9 +11,18 @@ The result is what `safe_load` returns: the same resolver and constructors decid
 of every scalar, an alias is the anchored object itself, and errors carry marks (also the
 errors safe_load lets out unmarked, such as the ValueError of a date 2026-13-45). Merge keys
 (`<<`) follow the YAML merge-key spec: explicit keys win, then the earlier mapping (PyYAML
-6.0.4 lets the later one win for some keys). Refused, because a config has no use for them:
-explicit tags on mappings and sequences (`!!set`, `!!omap`, `!!pairs`), and a collection
-that contains itself through an alias.
+6.0.4 lets the later one win for some keys).
+
+Refused (`Refused`, with the mark of the culprit), where safe_load would go on:
+- a key given twice in one mapping: safe_load keeps the last value, so a second `tags:` under
+  a device silently replaced the first list. A key that a merge (`<<: *base`) brought in
+  and the mapping then sets itself is no duplicate: that is what merging is for.
+- aliases that make the document stand for more than `MAX_NODES` values (a "billion
+  laughs" bomb: nine nested levels of nine aliases are 387 million strings). The loader
+  shares the aliased objects, so it would finish at once; everything after it (the
+  `${ENV}` pass, pydantic) walks the tree expanded, and would run out of memory.
+- explicit tags on mappings and sequences (`!!set`, `!!omap`, `!!pairs`), and a collection
+  that contains itself through an alias: a config has no use for them.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Any, cast
 import yaml
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
-from yaml.error import Mark
+from yaml.error import Mark, MarkedYAMLError
 from yaml.events import (
     AliasEvent,
     Event,
@@ -47,16 +56,35 @@ _VALUE = "tag:yaml.org,2002:value"
 _NO_KEY = object()  # a mapping awaits its next key
 _MERGE_KEY = object()  # the scalar `<<`
 
+# Values (scalars, keys and collections) a document may stand for, every alias expanded.
+# The largest configs we know of are the 100,000-tag config of `python -m bench scale`
+# (1,000 devices of 100 tags: 715,000 values) and 1,000 devices sharing one anchored list of
+# 100 tags (711,000 once expanded); this admits 2.8 times that. What it admits stays cheap:
+# 2,800 devices sharing a list of 100 tags (280,000 tags, just under the limit) load in
+# 3.3 s with a peak of 306 MB on the 2-core development machine, where the bomb grew by
+# 35 MB/s without end. A lower limit would refuse real plants for no gain.
+MAX_NODES = 2_000_000
+
+
+class Refused(MarkedYAMLError):
+    """Valid YAML that a config may not contain; `problem_mark` is where it is."""
+
+    def __init__(self, problem: str, mark: Mark) -> None:
+        super().__init__(None, None, problem, mark)
+
 
 class _Mapping:
     """A mapping being built: its explicit pairs, its merges, and a key awaiting its value."""
 
-    __slots__ = ("key", "merges", "value")
+    __slots__ = ("key", "keys", "merges", "value")
 
     def __init__(self) -> None:
         self.value: dict[Any, Any] = {}
         self.key: Any = _NO_KEY
         self.merges: list[dict[Any, Any]] = []  # merged mappings, in order of precedence
+        # The event of each explicit key, for the line of the first when one comes twice (the
+        # event, not its line: that would cost a call per key, and duplicates are rare).
+        self.keys: dict[Any, Event] = {}
 
 
 def load(text: str) -> Any:
@@ -86,43 +114,56 @@ def load(text: str) -> Any:
 def _document(loader: Any) -> Any:
     """Build the document's root node; an explicit stack, so nesting depth costs no recursion."""
     anchors: dict[str, Any] = {}
+    sizes: dict[str, int] = {}  # values each anchored node stands for, aliases in it expanded
     stack: list[list[Any] | _Mapping] = []  # the open collections, innermost last
     starts: list[Any] = []  # and the events that opened them (their anchors and marks)
+    # The values of the document so far, every alias expanded, and that count as it was
+    # when each open collection began: its size, at its end, is the difference.
+    nodes = 0
+    before: list[int] = []
     while True:
         event = loader.get_event()
         value: Any
         if isinstance(event, ScalarEvent):
+            nodes += 1
             value = _scalar(loader, event)
             if event.anchor is not None:
                 _anchor(anchors, event, value)
+                sizes[event.anchor] = 1
         elif isinstance(event, AliasEvent):
             if event.anchor not in anchors:
                 raise ComposerError(None, None, f"found undefined alias {event.anchor!r}", _at(event))
             if any(start.anchor == event.anchor for start in starts):
                 # safe_load builds such a structure; nothing in a config can use one, and
                 # everything after the loader would recurse on it forever.
-                raise ComposerError(
-                    None, None, f"*{event.anchor} refers to a collection from inside it", _at(event)
+                raise Refused(f"*{event.anchor} refers to a collection from inside it", _at(event))
+            nodes += sizes[event.anchor]
+            if nodes > MAX_NODES:
+                raise Refused(
+                    f"with *{event.anchor} expanded, the document stands for more than {MAX_NODES:,} "
+                    "values; a config needs far fewer (this is how a YAML alias bomb looks)",
+                    _at(event),
                 )
             value = anchors[event.anchor]
         elif isinstance(event, SequenceStartEvent | MappingStartEvent):
             default = _SEQ if isinstance(event, SequenceStartEvent) else _MAP
             if event.tag not in (None, "!", default):
-                raise ConstructorError(
-                    None, None, f"the tag {event.tag} is not supported in a config file", _at(event)
-                )
+                raise Refused(f"the tag {event.tag} is not supported in a config file", _at(event))
             container: list[Any] | _Mapping = [] if default == _SEQ else _Mapping()
             if event.anchor is not None:
                 _anchor(anchors, event, container if isinstance(container, list) else container.value)
             stack.append(container)
             starts.append(event)
+            before.append(nodes)
+            nodes += 1
             continue
-        elif isinstance(event, SequenceEndEvent):
-            value, event = stack.pop(), starts.pop()
-        elif isinstance(event, MappingEndEvent):
-            mapping, event = stack.pop(), starts.pop()
-            assert isinstance(mapping, _Mapping)
-            value = _finish(mapping)
+        elif isinstance(event, SequenceEndEvent | MappingEndEvent):
+            container, event = stack.pop(), starts.pop()
+            if event.anchor is not None:
+                sizes[event.anchor] = nodes - before.pop()
+            else:
+                before.pop()
+            value = container if isinstance(container, list) else _finish(container)
         else:  # pragma: no cover - the parser emits nothing else inside a document
             raise ComposerError(None, None, f"unexpected {type(event).__name__}", _at(event))
         if not stack:
@@ -191,6 +232,8 @@ def _add(loader: Any, parent: list[Any] | _Mapping, opened: Event, value: Any, e
                 "found unhashable key",
                 _at(event),
             )
+        if value is not _MERGE_KEY and parent.keys.setdefault(value, event) is not event:
+            _duplicate(parent, value, event)
         parent.key = value
     else:
         if value is _MERGE_KEY:
@@ -200,6 +243,17 @@ def _add(loader: Any, parent: list[Any] | _Mapping, opened: Event, value: Any, e
         else:
             parent.value[parent.key] = value
         parent.key = _NO_KEY
+
+
+def _duplicate(parent: _Mapping, key: Any, event: Event) -> None:
+    # The first key may differ from this one and still be equal to it: 1 and true, 1 and 1.0.
+    first = next(k for k in parent.keys if k == key)
+    same = "" if repr(first) == repr(key) else f" (the same key as {first!r})"
+    raise Refused(
+        f"duplicate key {key!r}{same}, first given at line {_at(parent.keys[first]).line + 1}: the second "
+        "would silently replace the first",
+        _at(event),
+    )
 
 
 def _merge(parent: _Mapping, opened: Event, value: Any, event: Event) -> None:

@@ -169,3 +169,58 @@ def test_sparkplug_decode_of_a_capture(tmp_path: Path) -> None:
     result = millwright("sparkplug", "decode", str(raw))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["metrics"][0]["value"] == 4
+
+
+CONFIG = """\
+gateway: {id: edge-1, enterprise: acme, site: plant1, area: press-shop, line: line-1}
+outbox: {path: ./outbox.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+devices:
+  - name: press-1
+    protocol: modbus
+    host: 127.0.0.1
+    tags: [{name: temperature, table: holding, address: 0}]
+"""
+# Nine levels of nine aliases: 387 million strings once expanded. `check` used to grow by
+# 35 MB/s on it, forever.
+BOMB = "".join(f"l{i}: &l{i} [{', '.join(['*l' + str(i - 1)] * 9 if i else ['x'] * 9)}]\n" for i in range(9))
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (CONFIG + BOMB, "line 15, column 20: with *l5 expanded, the document stands for more than 2,000,000 "
+                        "values; a config needs far fewer (this is how a YAML alias bomb looks)"),
+        (CONFIG.replace("site: plant1,", "site: plant1, site: plant2,"),
+         "line 1, column 55: duplicate key 'site', first given at line 1: the second would silently replace "
+         "the first"),
+        (CONFIG.replace("name: press-1", 'name: "press\\0"'),
+         "devices[0].name: contains a control character (U+0000), which MQTT topics cannot carry"),
+        (CONFIG.replace("host: 127.0.0.1", "host: 127.0.0.1\n    port: true"),
+         "devices[0].port: Input should be a valid integer, not the boolean true"),
+        (CONFIG.replace("host: 127.0.0.1", "host: 127.0.0.1\n    poll: 99999999999999999999999h"),
+         "devices[0].poll: 99999999999999999999999h is out of range: a duration is between 1ms and 24h"),
+        (CONFIG.replace("address: 0}", "address: 0, scale: .nan}"),
+         "devices[0].tags[0].scale: Input should be a finite number"),
+        (CONFIG.replace('"mqtt://127.0.0.1:1883"}', '"mqtt://127.0.0.1:1883", ca: ca.pem}'),
+         "mqtt.ca: ca applies to mqtts:// only; the url is mqtt://, so the connection would not use TLS"),
+        (CONFIG.replace('"mqtt://127.0.0.1:1883"}', '"mqtts://127.0.0.1:8883", ca: gateway.yaml}'),
+         "mqtt.ca: {dir}/gateway.yaml: not a PEM certificate (no -----BEGIN CERTIFICATE----- block in it)"),
+        (CONFIG.replace("./outbox.db", "."),
+         "outbox.path: {dir} is a directory; give the database file, e.g. {dir}/outbox.db"),
+    ],
+)  # fmt: skip
+def test_check_refuses_with_file_key_path_and_reason(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = millwright("check", str(path))  # (a timeout of 60 s: the bomb used to hang here)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr == f"millwright: {path}: invalid configuration\n  {problem.format(dir=tmp_path)}\n"
+
+
+def test_check_passes_the_same_config_unmutated(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(CONFIG, encoding="utf-8")
+    result = millwright("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{path}: ok (1 device(s), 1 tag(s))\n"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,7 +84,7 @@ ERRORS = [
     ("endpoint",               "opc.tcp://u:p@h:4840", "endpoint",            "credentials"),
     ("endpoint",               "opc.tcp://h:99999",    "endpoint",            "bad port"),
     ("mode",                   "stream",               "mode",                "'subscribe' or 'poll'"),
-    ("publishing_interval",    "0ms",                  "publishing_interval", "greater than zero"),
+    ("publishing_interval",    "0ms",                  "publishing_interval", "0ms is out of range"),
     ("security.mode",          "None",                 SEC,                   "mode None: a policy"),
     ("security.policy",        "None",                 SEC,                   "policy None with mode"),
     ("security.policy",        "Basic128Rsa15",        "security.policy",     "Input should be"),
@@ -168,3 +171,92 @@ def test_config_file_errors_name_the_key_path(path: str, value: object, message:
     with pytest.raises(ConfigError) as info:
         config.parse(text, "gateway.yaml")
     assert message in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server certificate as PEM and as DER (openssl CLI), a file that is none, a folder."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed: run `make test`, which installs it")
+    d = tmp_path_factory.mktemp("trust")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        ["req", *ec, "-x509", "-days", "2", "-subj", "/CN=server",
+         "-keyout", "server.key", "-out", "server.pem"],
+        ["x509", "-in", "server.pem", "-outform", "DER", "-out", "server.der"],
+    ]  # fmt: skip
+    for args in commands:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True)
+    (d / "notes.txt").write_text("the fingerprint is on the label\n")
+    (d / "trusted").mkdir()
+    return d
+
+
+FORMS = (
+    "give the server certificate's SHA-256 fingerprint (64 hex digits), its certificate file (DER or "
+    "PEM), or a directory of trusted certificates"
+)
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("7a63fd", "'7a63fd' looks like a SHA-256 fingerprint, with 6 hex digits where 64 are needed "
+         "(and no file or directory has that name)"),
+        (FP[:40], f"'{FP[:40]}' looks like a SHA-256 fingerprint, with 40 hex digits where 64 are needed "
+         "(and no file or directory has that name)"),
+        ("pki/server.der", "no such file or directory: {d}/pki/server.der; " + FORMS),
+        ("notes.txt", "{d}/notes.txt is not a certificate (DER or PEM)"),
+        ("server.key", "{d}/server.key is not a certificate (DER or PEM)"),
+        ("server.pem", None),
+        ("server.der", None),
+        ("trusted", None),  # a trust directory may start empty: the log says what to copy in
+        (FP, None),
+    ],
+)  # fmt: skip
+def test_server_certificate_is_checked_at_load(certificates: Path, setting: str, problem: str | None) -> None:
+    text = _config(_with(CERT, setting))
+    file = str(certificates / "gateway.yaml")
+    if problem is None:
+        config.parse(text, file, env={})
+        return
+    with pytest.raises(ConfigError) as err:
+        config.parse(text, file, env={})
+    assert err.value.problems == [f"devices[0].security.server_certificate: {problem.format(d=certificates)}"]
+
+
+def test_a_password_file_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    doc = _with("security.password", _DELETE)
+    doc["security"]["password_file"] = str(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        config.parse(_config(doc), "gateway.yaml", env={})
+    assert err.value.problems == [
+        f"devices[0].security.password_file: {tmp_path} is a directory; give the file whose first line is "
+        "the password"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where", "message"),
+    [
+        ("tags.0.deadband", True, "tags.0.deadband", "expected a number, not the boolean true"),
+        ("tags.0.deadband", float("inf"), "tags.0.deadband", "Input should be a finite number"),
+        ("tags.0.queue_size", True, "tags.0.queue_size", "Input should be a valid integer"),
+        ("tags.0.sampling_interval", "25h", "tags.0.sampling_interval", "25h is out of range"),
+        ("timeout", float("nan"), "timeout", "nan is out of range: a duration is between 1ms and 24h"),
+        ("reconnect_max", "0.1s", "reconnect_max", "100ms is shorter than 500ms"),
+        ("name", "cnc\x00", "name", "contains a control character (U+0000), which MQTT topics cannot carry"),
+        ("tags.1.name", "prog\ufffe", "tags.1.name", "contains a Unicode noncharacter (U+FFFE)"),
+    ],
+)
+def test_strict_values_of_an_opcua_device(path: str, value: object, where: str, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        OpcUaDevice.model_validate(_with(path, value))
+    errors = [(".".join(map(str, e["loc"])), e["msg"]) for e in info.value.errors()]
+    assert any(loc == where and message in msg for loc, msg in errors), errors
+
+
+def test_reconnect_max() -> None:
+    assert OpcUaDevice.model_validate(DEVICE).reconnect_max == 10.0
+    assert OpcUaDevice.model_validate(_with("reconnect_max", "2m")).reconnect_max == 120.0

@@ -7,7 +7,18 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gateway.settings_types import AssetOverride, Duration, Model, Segment, check_unique
+from gateway.settings_types import (
+    RECONNECT_MAX_DESCRIPTION,
+    AssetOverride,
+    Duration,
+    Float,
+    Int,
+    Model,
+    NonNegativeFloat,
+    ReconnectMax,
+    Segment,
+    check_unique,
+)
 
 Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal[
@@ -27,7 +38,7 @@ BIT_TABLES = ("coil", "discrete")
 class ModbusTag(Model):
     name: Segment = Field(description="Tag name; the last segment of its MQTT topic.")
     table: Table = Field(description="Modbus table: coil, discrete (input), holding or input (register).")
-    address: int = Field(ge=0, le=65535, description="0-based address on the wire.")
+    address: Int = Field(ge=0, le=65535, description="0-based address on the wire.")
     type: DataType | None = Field(
         default=None, description="Data type. Default: bool for coil/discrete, uint16 for registers."
     )
@@ -35,27 +46,26 @@ class ModbusTag(Model):
         default=None,
         description="Byte/word order of multi-register values; defaults to the device's `order`.",
     )
-    bit: int | None = Field(
+    bit: Int | None = Field(
         default=None, ge=0, le=15, description="For type bool on a register: the bit, 0 = least significant."
     )
-    length: int | None = Field(
+    length: Int | None = Field(
         default=None, ge=1, le=125, description="For type string: the number of registers (2 chars each)."
     )
-    scale: float = Field(default=1.0, description="value = raw * scale + offset.")
-    offset: float = Field(default=0.0, description="value = raw * scale + offset.")
+    scale: Float = Field(default=1.0, description="value = raw * scale + offset.")
+    offset: Float = Field(default=0.0, description="value = raw * scale + offset.")
     unit: str | None = Field(
         default=None, description="Engineering unit as a UCUM code, e.g. Cel, bar, 1/min."
     )
-    deadband: float | None = Field(
+    deadband: NonNegativeFloat | None = Field(
         default=None,
-        ge=0,
         description="Report by exception: publish only when the value moved by more than this "
         "(or quality changed). Unset: publish every poll.",
     )
-    min: float | None = Field(
+    min: Float | None = Field(
         default=None, description="Lowest valid value; below it the reading is Uncertain."
     )
-    max: float | None = Field(
+    max: Float | None = Field(
         default=None, description="Highest valid value; above it the reading is Uncertain."
     )
     description: str | None = Field(default=None, description="Free text, published in the device's _meta.")
@@ -99,12 +109,13 @@ class ModbusDevice(Model):
     name: Segment = Field(description="Device name; unique; a segment of its MQTT topics.")
     protocol: Literal["modbus"] = Field(description="modbus: Modbus TCP.")
     host: str = Field(min_length=1, description="IP address or host name of the device or gateway.")
-    port: int = Field(default=502, ge=1, le=65535, description="TCP port.")
-    unit: int = Field(default=1, ge=0, le=255, description="Modbus unit (slave/device) id.")
+    port: Int = Field(default=502, ge=1, le=65535, description="TCP port.")
+    unit: Int = Field(default=1, ge=0, le=255, description="Modbus unit (slave/device) id.")
     poll: Duration = Field(default=1.0, description="Poll interval, e.g. 500ms, 1s, 1m.")
     timeout: Duration = Field(default=1.0, description="Time to wait for each response.")
+    reconnect_max: ReconnectMax = Field(default=10.0, description=RECONNECT_MAX_DESCRIPTION)
     order: ByteOrder = Field(default="ABCD", description="Default byte/word order of multi-register tags.")
-    max_gap: int = Field(
+    max_gap: Int = Field(
         default=10,
         ge=0,
         le=124,

@@ -165,15 +165,22 @@ def trusted(setting: str, der: bytes) -> bool:
 
 
 def _fingerprints(path: Path) -> set[str]:
-    data = path.read_bytes()
     try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            certs = x509.load_pem_x509_certificates(data)
-            return {fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in certs}
-        return {fingerprint(first_certificate(data))}
+        return certificate_fingerprints(path)
     except ValueError:
         log.debug("%s is not a certificate; ignored", path)
         return set()
+
+
+def certificate_fingerprints(path: Path) -> set[str]:
+    """The SHA-256 fingerprints of the certificates in a PEM file, or of the first one in a
+    DER file, as `trusted` sees them (config load checks a server_certificate file with it).
+    Raises ValueError when the file holds no certificate, OSError when it cannot be read."""
+    data = path.read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        certs = x509.load_pem_x509_certificates(data)
+        return {fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in certs}
+    return {fingerprint(first_certificate(data))}
 
 
 def first_certificate(der: bytes) -> bytes:

@@ -9,9 +9,13 @@ from pydantic import Field, field_validator, model_validator
 
 from gateway.collectors.opcua.nodeid import NodeRef, parse_node
 from gateway.settings_types import (
+    RECONNECT_MAX_DESCRIPTION,
     AssetOverride,
     Duration,
+    Int,
     Model,
+    NonNegativeFloat,
+    ReconnectMax,
     Segment,
     check_unique,
     check_url,
@@ -102,9 +106,8 @@ class OpcUaTag(Model):
         "which survives the server renumbering its namespaces."
     )
     unit: str | None = Field(default=None, description="Engineering unit as a UCUM code, e.g. Cel, 1/min.")
-    deadband: float | None = Field(
+    deadband: NonNegativeFloat | None = Field(
         default=None,
-        ge=0,
         description="Report by exception: publish only when the value moved by more than this (or "
         "quality changed). Also asked of the server as an absolute deadband filter.",
     )
@@ -113,7 +116,7 @@ class OpcUaTag(Model):
         description="How often the server samples the node (subscribe mode). Default: the "
         "device's publishing_interval.",
     )
-    queue_size: int = Field(
+    queue_size: Int = Field(
         default=1,
         ge=1,
         le=10_000,
@@ -146,6 +149,7 @@ class OpcUaDevice(Model):
     )
     poll: Duration = Field(default=1.0, description="Poll mode: read interval, e.g. 1s.")
     timeout: Duration = Field(default=5.0, description="Time to wait for each request and for connecting.")
+    reconnect_max: ReconnectMax = Field(default=10.0, description=RECONNECT_MAX_DESCRIPTION)
     security: OpcUaSecurity = Field(
         default_factory=OpcUaSecurity, description="Secure channel, server trust and user identity."
     )
