@@ -16,7 +16,7 @@ from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice
 from gateway.config import Device, Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import AssetPath
+from gateway.model import AssetPath, Batch, Entry
 from gateway.outbox import Outbox
 from gateway.poller import Sink, poll
 from gateway.publishers.mqtt import MqttConnection
@@ -42,15 +42,72 @@ def make_collector(device: ModbusDevice | OpcUaDevice, pki_dir: Path) -> Collect
     return ModbusCollector(device)
 
 
+# A broker that drops the connection this many times in a row on the same reading (the
+# first it had not confirmed) is taken to refuse that reading for good. Three: a broker
+# restart or a network cut lands on the same reading twice in a row only by chance.
+POISON_STRIKES = 3
+
+
+class _Refusals:
+    """Logs each refused topic once (the first 1,000 of them: topics are bounded by the tags,
+    but a log line each for a whole denied subtree would say nothing more)."""
+
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def log(self, refused: list[tuple[str, str]]) -> None:
+        for topic, reason in refused:
+            if topic in self._seen or len(self._seen) >= self.LIMIT:
+                continue
+            self._seen.add(topic)
+            last = " (further refused topics are not logged)" if len(self._seen) == self.LIMIT else ""
+            log.error("broker refused readings on %s (%s): dropping them, counted in outbox stats%s",
+                      topic, reason, last)  # fmt: skip
+
+
+class _Suspect:
+    """The reading a broker keeps dropping the connection on, if any."""
+
+    def __init__(self) -> None:
+        self.seq = self.strikes = 0
+
+    def blame(self, batch: Batch, lost: BrokerUnavailable) -> Entry | None:
+        """Note a lost connection; the entry to give up on, after POISON_STRIKES in a row."""
+        if lost.unconfirmed is None:
+            if lost.settled:
+                self.clear()  # all it had, it confirmed: no suspect
+            return None  # (nothing was handed over: the connection was gone already)
+        if not lost.by_broker:
+            self.clear()  # a keepalive timeout: the network, not a message
+            return None
+        entry = batch.entries[lost.unconfirmed]
+        self.strikes = self.strikes + 1 if entry.seq == self.seq else 1
+        self.seq = entry.seq
+        if self.strikes < POISON_STRIKES:
+            return None
+        log.error("the broker dropped the connection %d times on reading seq %d (%s/%s): dropping it, "
+                  "counted in outbox stats", self.strikes, entry.seq, entry.reading.device,
+                  entry.reading.tag)  # fmt: skip
+        self.clear()
+        return entry
+
+    def clear(self) -> None:
+        self.seq = self.strikes = 0
+
+
 async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int) -> None:
     """Move readings from the outbox to the broker forever: lease, publish, ack.
 
-    A batch is acked only after the broker confirmed every message in it; a lost
-    connection releases it, so the same readings (same `seq`) are published again, in
-    order. A message the broker refuses for good (e.g. not authorised for its topic) is
-    dropped and counted: retrying it would stall every device behind it.
+    A batch is acked once the broker confirmed every message in it; a lost connection acks
+    what was confirmed and releases the rest, which is published again (same `seq`), in
+    order. A message the broker refuses for good (e.g. not authorised for its topic, or
+    larger than it takes) is dropped and counted: retrying it would stall every device
+    behind it. So is one the broker keeps dropping the connection on (POISON_STRIKES).
+    `publisher.publish(batch)` publishes one message per entry, in order.
     """
-    refused_topics: set[str] = set()
+    refusals, suspect = _Refusals(), _Suspect()
     while True:
         await outbox.wait()
         await connection.wait_connected()
@@ -59,17 +116,21 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
             continue
         try:
             await publisher.publish(batch)
-        except BrokerUnavailable:
-            await outbox.release(batch)  # the connection task reconnects; wait_connected() waits for it
+        except BrokerUnavailable as lost:
+            # The connection task reconnects; wait_connected() waits for it.
+            if lost.settled:
+                await outbox.ack(Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
+                refusals.log(lost.refused)
+            if (poison := suspect.blame(batch, lost)) is not None:
+                await outbox.ack(Batch([poison]), refused=1)
+            await outbox.release(batch)
         except MessagesRefused as exc:
             await outbox.ack(batch, refused=len(exc.refused))
-            for topic, reason in exc.refused:
-                if topic not in refused_topics:  # once per topic, not once per reading
-                    refused_topics.add(topic)
-                    log.error("broker refused readings on %s (%s): dropping them, counted in outbox stats",
-                              topic, reason)  # fmt: skip
+            refusals.log(exc.refused)
+            suspect.clear()
         else:
             await outbox.ack(batch)
+            suspect.clear()
 
 
 async def cancel(tasks: list[asyncio.Task[None]]) -> None:

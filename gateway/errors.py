@@ -54,7 +54,25 @@ class PublishError(GatewayError):
 
 
 class BrokerUnavailable(PublishError):
-    """Not connected to the broker; nothing was handed to the client library."""
+    """Not connected to the broker, or the connection was lost before every message was
+    confirmed. Of the messages of that publish: the first `settled` were confirmed or
+    refused (`refused`: topic, reason); `unconfirmed` is the index of the first message the
+    broker had and did not confirm (None if none); `by_broker` says the broker ended it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        settled: int = 0,
+        refused: list[tuple[str, str]] | None = None,
+        unconfirmed: int | None = None,
+        by_broker: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.settled = settled
+        self.refused = refused or []
+        self.unconfirmed = unconfirmed
+        self.by_broker = by_broker
 
 
 class MessagesRefused(PublishError):

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import BrokerUnavailable, MessagesRefused, PublishError
+from gateway.settings_types import mqtt_text_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,39 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class _Tracker:
-    """The PUBACKs still awaited by one `publish_many` call."""
+    """The confirmations still awaited by one `publish_many` call, message by message."""
 
-    __slots__ = ("done", "error", "refused", "remaining")
+    __slots__ = ("done", "error", "handed", "refused", "remaining", "settled")
 
     def __init__(self, count: int) -> None:
         self.done = asyncio.Event()
         self.error: PublishError | None = None
-        self.refused: list[tuple[str, str]] = []
+        self.refused: list[tuple[int, str, str]] = []  # index, topic, reason
         self.remaining = count
+        self.settled = bytearray(count)  # 1 for each message confirmed or refused, by index
+        self.handed = 0  # messages gone to paho (or refused before it), in order
+
+    def settle(self, index: int, topic: str, refusal: str | None = None) -> None:
+        self.settled[index] = 1
+        if refusal is not None:
+            self.refused.append((index, topic, refusal))
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.finish()
+
+    def lost(self, reason: str, *, by_broker: bool) -> BrokerUnavailable:
+        """The error for a connection lost meanwhile: how many messages, from the first, were
+        settled (and which of those refused), and whether the first unsettled one was with
+        the broker (the one a broker that drops us may have choked on)."""
+        first = self.settled.find(0)
+        settled = len(self.settled) if first < 0 else first
+        return BrokerUnavailable(
+            f"connection lost: {reason}",
+            settled=settled,
+            refused=[(topic, why) for i, topic, why in self.refused if i < settled],
+            unconfirmed=settled if settled < self.handed else None,
+            by_broker=by_broker,
+        )
 
     def finish(self, error: PublishError | None = None) -> None:
         if not self.done.is_set():
@@ -79,11 +104,13 @@ class Session:
         self.acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self.max_inflight = max_inflight
         self.window = asyncio.Semaphore(max_inflight)
-        self.pending: dict[int, tuple[_Tracker, str]] = {}
+        self.pending: dict[int, tuple[_Tracker, int, str]] = {}  # mid -> tracker, index, topic
         # PUBACKs (or QoS 0 writes) reported before publish() returned the mid.
         self.early: dict[int, ReasonCode] = {}
         self.connack: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
+        self.lost_by_broker = False  # the broker ended the connection (not a keepalive timeout, not us)
+        self.max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
 
     @property
     def established(self) -> bool:
@@ -150,6 +177,11 @@ class Session:
             # The broker takes fewer unacknowledged messages than configured: obey it,
             # or paho would queue the excess in memory.
             self.window = asyncio.Semaphore(limit)
+        largest = getattr(props, "MaximumPacketSize", None)
+        if isinstance(largest, int) and largest > 0:
+            # paho sends a larger PUBLISH all the same, and the broker then drops the
+            # connection (MQTT 5 3.1.2.24): every retry would do it again.
+            self.max_packet = largest
         if not self.connack.done():
             self.connack.set_result(None)
 
@@ -157,13 +189,13 @@ class Session:
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None
     ) -> None:
         if flags.is_disconnect_packet_from_server:
-            self.fail(f"the broker disconnected us: {reason}")
+            self.fail(f"the broker disconnected us: {reason}", by_broker=True)
         elif reason == "Keep alive timeout":
             self.fail("no answer from the broker within the keepalive")
         elif reason == "Success":
             self.fail("disconnected")
         else:
-            self.fail("the connection was closed")
+            self.fail("the connection was closed", by_broker=True)
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None
@@ -172,7 +204,7 @@ class Session:
         if entry is None:
             self.early[mid] = reason
         else:
-            self._settle(entry[0], entry[1], reason)
+            self._settle(*entry, reason)
 
     def _on_ack(
         self,
@@ -229,24 +261,20 @@ class Session:
         reasons: list[ReasonCode] = future.result()
         return reasons
 
-    def _settle(self, tracker: _Tracker, topic: str, reason: ReasonCode) -> None:
+    def _settle(self, tracker: _Tracker, index: int, topic: str, reason: ReasonCode) -> None:
         self.window.release()
-        if reason.is_failure:
-            # Keep going: the other messages may be accepted, and the caller must know
-            # exactly which were confirmed and which refused.
-            tracker.refused.append((topic, str(reason)))
-        tracker.remaining -= 1
-        if tracker.remaining == 0:
-            tracker.finish()
+        # A refusal does not stop the others: they may be accepted, and the caller must know
+        # exactly which were confirmed and which refused.
+        tracker.settle(index, topic, str(reason) if reason.is_failure else None)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, *, by_broker: bool = False) -> None:
         """The connection is over: fail every pending publish and wake window waiters."""
         if self.lost.done():
             return
+        self.lost_by_broker = by_broker
         self.lost.set_result(reason)
-        error = BrokerUnavailable(f"connection lost: {reason}")
-        for tracker, _ in self.pending.values():
-            tracker.finish(error)
+        for tracker, _, _ in self.pending.values():
+            tracker.finish(tracker.lost(reason, by_broker=by_broker))
         # Each pending message holds one window slot; giving them back wakes every caller
         # blocked on a full window, and each then sees the loss.
         for _ in range(len(self.pending)):
@@ -270,6 +298,23 @@ class Session:
             sock.close()
         self.fail(reason)
 
+    def _refusal(self, topic: str, payload: bytes, qos: int) -> str | None:
+        """Why the broker cannot take this message (it would drop the connection), or None."""
+        if (problem := mqtt_text_problem(topic)) is not None:
+            return f"not a valid MQTT topic: it {problem}"
+        if self.max_packet is not None:
+            # PUBLISH: topic (2 + n), packet id (QoS > 0), properties length (MQTT 5), payload,
+            # after the fixed header (1 byte and the remaining length, 1 to 4 bytes).
+            remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + 1 + len(payload)
+            size = (
+                remaining
+                + 1
+                + (1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2**21 else 4)
+            )
+            if size > self.max_packet:
+                return f"{size} bytes, more than the broker's maximum packet size ({self.max_packet})"
+        return None
+
     async def disconnect(self, *, with_will: bool = False) -> None:
         """A normal DISCONNECT, so the broker discards the will (MQTT 5 and `with_will`: the
         broker publishes it); abort if it takes too long."""
@@ -289,7 +334,14 @@ class Session:
         if not messages:
             return
         tracker = _Tracker(len(messages))
-        for topic, payload, qos, retain in messages:
+        for index, (topic, payload, qos, retain) in enumerate(messages):
+            refusal = self._refusal(topic, payload, qos)
+            if refusal is not None:
+                # A broker drops the connection on such a PUBLISH, and would again on every
+                # retry: the rows behind it would never go out. Refused here instead.
+                tracker.handed = index + 1
+                tracker.settle(index, topic, refusal)
+                continue
             window = self.window
             await window.acquire()
             if self.lost.done() or tracker.done.is_set():
@@ -297,25 +349,28 @@ class Session:
                 break
             try:
                 info = self.client.publish(topic, payload, qos, retain)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError) as exc:  # paho's own checks: wildcards, length
                 window.release()
-                raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
+                tracker.handed = index + 1
+                tracker.settle(index, topic, f"not publishable: {exc}")
+                continue
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 window.release()
                 self.abort(paho.error_string(info.rc))
                 break
+            tracker.handed = index + 1
             early = self.early.pop(info.mid, None)
             if early is None:
-                self.pending[info.mid] = (tracker, topic)
+                self.pending[info.mid] = (tracker, index, topic)
             else:
-                self._settle(tracker, topic, early)
+                self._settle(tracker, index, topic, early)
         if self.lost.done():
-            tracker.finish(BrokerUnavailable(f"connection lost: {self.lost.result()}"))
+            tracker.finish(tracker.lost(self.lost.result(), by_broker=self.lost_by_broker))
         await tracker.done.wait()
         if tracker.error is not None:
             raise tracker.error
         if tracker.refused:
-            raise MessagesRefused(tracker.refused)
+            raise MessagesRefused([(topic, why) for _, topic, why in tracker.refused])
 
 
 async def open_client(client: paho.Client, args: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import GatewaySettings, MqttSettings
+from gateway.errors import MessagesRefused
 from gateway.model import AssetPath, Batch, Entry, Quality, Status, iso_millis
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
@@ -77,6 +78,7 @@ class UnsPublisher:
         self._births.append((self.status_topic, _encode(online).encode(), 1, True))
         offline = {"online": False, "id": gateway.id, "reason": "shutdown"}
         self._offline: Message = (self.status_topic, _encode(offline).encode(), 1, True)
+        self._refused_births = False
         self._last_ts: float | None = None
         self._last_iso = ""
         self._units: dict[str | None, str] = {}  # unit -> its JSON
@@ -130,7 +132,14 @@ class UnsPublisher:
     async def announce(self) -> None:
         """Publish the retained `_meta` messages and the online status (the connection's
         on_connect hook: it runs after every connect, before any data)."""
-        await self._connection.publish_many(self._births)
+        try:
+            await self._connection.publish_many(self._births)
+        except MessagesRefused as exc:
+            # The others went out. A refusal (an ACL without the _meta topics, say) must not
+            # keep every reading off the broker: connecting again would only repeat it.
+            if not self._refused_births:
+                log.warning("the broker refused announcements: %s; readings are published without them", exc)
+            self._refused_births = True
 
     async def close(self) -> None:
         """Publish the retained offline status, then disconnect cleanly."""

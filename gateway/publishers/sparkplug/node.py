@@ -44,7 +44,7 @@ from pathlib import Path
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.collectors.opcua.settings import OpcUaDevice
 from gateway.config import MqttSettings, SparkplugSettings
-from gateway.errors import BrokerUnavailable
+from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import Batch, Entry, Quality, Reading, Status, Value
 from gateway.outbox import Outbox
 from gateway.publishers.mqtt import MqttConnection
@@ -390,7 +390,12 @@ class SparkplugNode:
             messages.append(self._dbirth(device, now))
         messages.extend(self._ddeath(d) for d in self._metrics if not self._alive.get(d, True))
         self._generation = generation
-        await self._send(messages, barrier=False)
+        try:
+            await self._send(messages, barrier=False)
+        except MessagesRefused as exc:
+            # A device the broker cannot take (a name buffered by an older version that no
+            # topic may carry): the other births went out, and its readings will be refused too.
+            self._warn_once("births refused", "births refused by the broker: %s", exc)
         if self._outbox.replaying:
             log.info(
                 "births sent (bdSeq %d); replaying readings up to seq %d as historical", self.bdseq, boundary
@@ -427,15 +432,22 @@ class SparkplugNode:
     async def _deliver(self, batch: Batch, messages: list[Message], done: int) -> None:
         """Send `messages`, which carry the first `done` entries of `batch`; ack those and
         release the rest (they wait for the rebirth that cut the batch short)."""
+        refused = 0
         try:
             await self._send(messages)
         except BrokerUnavailable:
             await self._outbox.release(batch)
             raise
+        except MessagesRefused as exc:
+            # Every other message was confirmed (the barrier ran): the refused DDATA's
+            # readings are dropped, counted, like a refused UNS message.
+            devices = {topic.rsplit("/", 1)[-1] for topic, _ in exc.refused}
+            refused = sum(e.reading.device in devices for e in batch.entries[:done])
+            self._warn_once("ddata refused", "DDATA refused by the broker: %s", exc)
         if done == len(batch):
-            await self._outbox.ack(batch)
+            await self._outbox.ack(batch, refused=refused)
             return
-        await self._outbox.ack(Batch(batch.entries[:done]))
+        await self._outbox.ack(Batch(batch.entries[:done]), refused=refused)
         await self._outbox.release(Batch(batch.entries[done:]))
 
     async def _send(self, messages: list[Message], *, barrier: bool = True) -> None:
@@ -444,7 +456,12 @@ class SparkplugNode:
         if self._generation != self.connection.generation:
             # Reconnected since the births: this session needs its own births first.
             raise BrokerUnavailable("reconnected: births first")
-        await self.connection.publish_many(messages)
+        try:
+            await self.connection.publish_many(messages)
+        except MessagesRefused:
+            if barrier:  # the others went out: confirm them before the caller acks
+                await self.connection.barrier()
+            raise
         if barrier:
             await self.connection.barrier()
 
