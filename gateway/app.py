@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from gateway.backoff import Backoff
 from gateway.collectors import Collector
 from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
@@ -21,6 +22,7 @@ from gateway.outbox import Outbox
 from gateway.poller import Sink, poll
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.uns import connect_uns
+from gateway.settings_types import RECONNECT_START
 
 if TYPE_CHECKING:
     from gateway.collectors.opcua.collector import OpcUaCollector
@@ -170,9 +172,13 @@ class Gateway:
                 link = tasks.create_task(out.connection.run(), name="mqtt")
                 fwd = tasks.create_task(out.forward, name="forward")
                 pollers = [
-                    tasks.create_task(poll(c, d.cycle, out.sink, on_down=out.on_down), name=f"poll {d.name}")
+                    tasks.create_task(
+                        poll(c, d.cycle, out.sink, on_down=out.on_down,
+                             backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)),
+                        name=f"poll {d.name}",
+                    )
                     for d, c in collectors
-                ]
+                ]  # fmt: skip
                 log.info(
                     "gateway %s running: %d device(s), outbox %s, broker %s",
                     s.gateway.id, len(collectors), s.outbox.path, s.mqtt.url,

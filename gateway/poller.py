@@ -12,10 +12,15 @@ from gateway.backoff import Backoff
 from gateway.collectors import Collector
 from gateway.errors import DeviceError, DeviceTimeout
 from gateway.model import Reading, Status
+from gateway.settings_types import RECONNECT_START
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Reading]], Awaitable[None]]
+
+# The longest wait between reconnects unless the device says (reconnect_max): a device back
+# after an outage is read again within this, not half a minute later.
+RECONNECT_MAX = 10.0
 
 
 @dataclass(slots=True)
@@ -75,7 +80,7 @@ async def poll(
     reconnects with backoff. The next readings after that mean it is back. Runs until
     cancelled.
     """
-    backoff = backoff or Backoff(initial=0.5, cap=30.0)
+    backoff = backoff or Backoff(initial=RECONNECT_START, cap=RECONNECT_MAX)
     stats = stats or PollStats()
     outage = _Outage(collector.name)
     while True:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
@@ -27,9 +26,10 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from gateway import tls
 from gateway.backoff import Backoff
 from gateway.config import MqttSettings
-from gateway.errors import BrokerUnavailable, ConfigError, PublishError
+from gateway.errors import BrokerUnavailable, PublishError
 from gateway.publishers.session import Message, OnMessage, Session, open_client
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ class MqttConnection:
         self._on_connect = on_connect
         self._on_message = on_message
         self.where = f"{'mqtts' if settings.tls else 'mqtt'}://{settings.host}:{settings.port}"
-        self._tls = _tls_context(settings) if settings.tls else None
+        # The same context, and the same errors, as `millwright check` (the files were loaded
+        # then: only one changed since can fail here).
+        self._tls = tls.client_context(settings) if settings.tls else None
         if settings.tls and settings.tls_insecure:
             log.warning("TLS verification is off for %s: the broker's certificate is not checked", self.where)
         self._session: Session | None = None
@@ -325,17 +327,3 @@ class MqttConnection:
             # the connection, because the outbox, not the broker session, is the buffer.
             args["clean_start"] = True
         return args
-
-
-def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    """Verification on by default: the CA file, or the system store when none is given."""
-    try:
-        ctx = ssl.create_default_context(cafile=str(settings.ca) if settings.ca else None)
-        if settings.cert is not None and settings.key is not None:
-            ctx.load_cert_chain(settings.cert, settings.key)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("mqtt", [f"ca, cert or key: cannot load: {exc}"]) from exc
-    if settings.tls_insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
