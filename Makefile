@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench test-tools proto venv-tools clean
+.PHONY: demo test lint bench fuzz test-tools proto venv-tools clean
 
 $(BIN)/.installed: pyproject.toml | venv-tools
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ demo: $(BIN)/.installed
 # Benchmarks (not part of the tests): see bench/README.md. Results go to bench/results/.
 bench: $(BIN)/.installed test-tools
 	$(BIN)/python -m bench all
+
+# Coverage-guided fuzzing of the config loader, the Sparkplug decoder and the edge node's
+# command handling (atheris; FUZZ_SECONDS each). Not part of the tests: see bench/fuzz.py.
+FUZZ_SECONDS ?= 60
+fuzz: $(BIN)/.installed
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet atheris
+	for target in config sparkplug commands; do \
+	  $(BIN)/python -m bench.fuzz $$target --seconds $(FUZZ_SECONDS) || exit 1; \
+	done
 
 # test-tools: mosquitto is the real broker the tests start on free ports (openssl makes their TLS
 # certificates, protoc cross-checks the Sparkplug encoding). Installed with apt-get when
