@@ -4,22 +4,27 @@ to bench/results/SCENARIO.json (the machine, versions and parameters included)."
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 
-from bench import scenarios
+from bench import scenarios, soak
 from bench.harness import bench, save
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "all"])
+    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "soak", "all"])
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
     p.add_argument("--devices", type=int, default=4, help="simulated presses (default 4)")
     p.add_argument("--tags", type=int, default=100, help="tags per press, at most 100 (default 100)")
-    p.add_argument("--poll", type=float, default=0.05, help="poll interval in seconds (default 0.05)")
-    p.add_argument("--items", type=int, default=500, help="opcua: monitored items (default 500)")
+    p.add_argument(
+        "--poll", type=float, default=None, help="poll interval in seconds (default 0.05; soak 0.5)"
+    )
+    p.add_argument(
+        "--items", type=int, default=None, help="opcua, soak: monitored items (default 500; soak 10, 0: none)"
+    )
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--duration", type=float, default=20.0, help="measuring window, seconds (default 20)")
     p.add_argument("--down", type=float, default=30.0, help="outage: broker down for this long (default 30)")
@@ -30,10 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rate", type=float, default=5000, help="scale: readings/s to aim for (default 5000)")
     p.add_argument("--hold", type=float, default=120, help="scale: seconds each size runs (default 120)")
+    p.add_argument("--minutes", type=float, default=60, help="soak: how long (default 60)")
+    p.add_argument("--seed", type=int, default=None, help="soak: seed of the fault schedule (default random)")
+    p.add_argument(
+        "--pause",
+        default=None,
+        metavar="LOW-HIGH",
+        help="soak: seconds between faults (default 20-40 up to 10 minutes, else 60-120)",
+    )
+    p.add_argument(
+        "--faults",
+        default=",".join(soak.KINDS),
+        help=f"soak: fault kinds, comma-separated, or none (default {','.join(soak.KINDS)})",
+    )
     p.add_argument("--name", help="add -NAME to the result file name (for a run with other parameters)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, outbox)")
     args = p.parse_args(argv)
-    load = {"devices": args.devices, "tags": args.tags, "poll": args.poll, "fmt": args.format}
+    poll = 0.05 if args.poll is None else args.poll
+    load = {"devices": args.devices, "tags": args.tags, "poll": poll, "fmt": args.format}
     suffix = ("" if args.format == "uns" else f"-{args.format}") + (f"-{args.name}" if args.name else "")
     if args.scenario in ("throughput", "all"):
         with bench(args.keep) as b:
@@ -56,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario in ("opcua", "all"):
         with bench(args.keep) as b:
             result = scenarios.opcua(
-                b, items=args.items, fmt=args.format, warmup=args.warmup, duration=args.duration
-            )
+                b, items=500 if args.items is None else args.items, fmt=args.format,
+                warmup=args.warmup, duration=args.duration,
+            )  # fmt: skip
         print("saved", save(f"opcua{suffix}", result))
     if args.scenario in ("outage", "all"):
         with bench(args.keep) as b:
@@ -69,7 +89,32 @@ def main(argv: list[str] | None = None) -> int:
             with bench(args.keep) as b:
                 sizes.append(scenarios.scale(b, size=size, rate=args.rate, fmt=args.format, hold=args.hold))
         print("saved", save(f"scale{suffix}", {"sizes": sizes}))
+    if args.scenario == "soak":
+        return _soak(p, args, suffix)
     return 0
+
+
+def _soak(p: argparse.ArgumentParser, args: argparse.Namespace, suffix: str) -> int:
+    """Run the soak; exit status 1 when a committed reading is missing at the subscriber."""
+    if args.format != "uns":
+        p.error("soak: UNS only (its accounting is by seq)")
+    kinds = [] if args.faults == "none" else args.faults.split(",")
+    if unknown := set(kinds) - set(soak.KINDS):
+        p.error(f"--faults: unknown {', '.join(sorted(unknown))} (known: {', '.join(soak.KINDS)})")
+    pause = args.pause or ("20-40" if args.minutes <= 10 else "60-120")
+    try:
+        low, high = (float(x) for x in pause.split("-"))
+    except ValueError:
+        p.error(f"--pause {pause!r}: expected LOW-HIGH in seconds, e.g. 20-40")
+    seed = random.randrange(2**31) if args.seed is None else args.seed
+    with bench(args.keep) as b:
+        result = soak.soak(
+            b, minutes=args.minutes, seed=seed, pause=(low, high), kinds=kinds, devices=args.devices,
+            tags=args.tags, poll=0.5 if args.poll is None else args.poll,
+            items=10 if args.items is None else args.items, keep=args.keep,
+        )  # fmt: skip
+    print("saved", save(f"soak{suffix}", result))
+    return 1 if result["readings"]["missing"] else 0
 
 
 if __name__ == "__main__":

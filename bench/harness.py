@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -89,7 +89,9 @@ class Bench:
         self.procs.append(p)
         return p
 
-    def broker(self, port: int) -> Proc:
+    def broker(self, port: int, extra: Sequence[str] = ()) -> Proc:
+        """mosquitto on `port` with persistence in the working directory; `extra`: more
+        lines for its config file."""
         binary = find_mosquitto()
         if binary is None:
             raise SystemExit("mosquitto is not installed (make test installs it)")
@@ -102,6 +104,7 @@ class Bench:
             # As root mosquitto switches to user "mosquitto", which cannot write its persistence
             # file into this private directory: the counter's session would not survive a restart.
             lines.append("user root")
+        lines.extend(extra)
         conf.write_text("\n".join(lines) + "\n")
         p = self.proc("mosquitto", binary, "-c", str(conf))
         wait_port(port)
@@ -123,10 +126,11 @@ class Bench:
         wait_port(port, within=30)  # asyncua takes a while to start
         return p
 
-    def gateway(self, config: dict[str, Any]) -> Proc:
+    def gateway(self, config: dict[str, Any], name: str = "gateway") -> Proc:
+        """`millwright run` on `config`; `name` names its log (a restarted gateway gets its own)."""
         path = self.workdir / "gateway.yaml"
         path.write_text(yaml.safe_dump(config))
-        return self.proc("gateway", sys.executable, "-m", "gateway", "run", str(path))
+        return self.proc(name, sys.executable, "-m", "gateway", "run", str(path))
 
     def counter(self, port: int, topic_filter: str, fmt: str) -> tuple[Proc, Path]:
         out = self.workdir / "counter.json"
