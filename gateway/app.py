@@ -44,9 +44,10 @@ def make_collector(device: ModbusDevice | OpcUaDevice, pki_dir: Path) -> Collect
     return ModbusCollector(device)
 
 
-# A broker that drops the connection this many times in a row on the same reading (the
-# first it had not confirmed) is taken to refuse that reading for good. Three: a broker
-# restart or a network cut lands on the same reading twice in a row only by chance.
+# A broker that drops the connection this many times in a row on the same reading is taken
+# to refuse that reading for good. The first time it was the first the broker had not
+# confirmed; the next times it went alone on a connection that had carried messages before
+# (the announcements): a network that fails at random does not hit it three times like that.
 POISON_STRIKES = 3
 
 
@@ -70,27 +71,34 @@ class _Refusals:
 
 
 class _Suspect:
-    """The reading a broker keeps dropping the connection on, if any."""
+    """The reading a broker may be dropping the connection on, and the evidence so far."""
 
     def __init__(self) -> None:
         self.seq = self.strikes = 0
+
+    @property
+    def isolating(self) -> bool:
+        """Whether the next publish is to be the suspect alone (the head of the outbox)."""
+        return self.strikes > 0
 
     def blame(self, batch: Batch, lost: BrokerUnavailable) -> Entry | None:
         """Note a lost connection; the entry to give up on, after POISON_STRIKES in a row."""
         if lost.unconfirmed is None:
             if lost.settled:
-                self.clear()  # all it had, it confirmed: no suspect
-            return None  # (nothing was handed over: the connection was gone already)
-        if not lost.by_broker:
-            self.clear()  # a keepalive timeout: the network, not a message
+                self.clear()  # all it had, it confirmed
             return None
+        if not lost.blames_message:
+            return None  # a keepalive timeout, a server shutting down: no evidence either way
         entry = batch.entries[lost.unconfirmed]
-        self.strikes = self.strikes + 1 if entry.seq == self.seq else 1
-        self.seq = entry.seq
+        if entry.seq != self.seq:
+            self.seq, self.strikes = entry.seq, 1
+            return None
+        if len(batch) == 1:  # isolated: nothing else was with the broker
+            self.strikes += 1
         if self.strikes < POISON_STRIKES:
             return None
-        log.error("the broker dropped the connection %d times on reading seq %d (%s/%s): dropping it, "
-                  "counted in outbox stats", self.strikes, entry.seq, entry.reading.device,
+        log.error("the broker dropped the connection %d times on reading seq %d (%s/%s), sent alone: "
+                  "dropping it, counted in outbox stats", self.strikes, entry.seq, entry.reading.device,
                   entry.reading.tag)  # fmt: skip
         self.clear()
         return entry
@@ -106,14 +114,15 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
     what was confirmed and releases the rest, which is published again (same `seq`), in
     order. A message the broker refuses for good (e.g. not authorised for its topic, or
     larger than it takes) is dropped and counted: retrying it would stall every device
-    behind it. So is one the broker keeps dropping the connection on (POISON_STRIKES).
+    behind it. So is one the broker keeps dropping the connection on (see _Suspect).
     `publisher.publish(batch)` publishes one message per entry, in order.
     """
     refusals, suspect = _Refusals(), _Suspect()
     while True:
         await outbox.wait()
         await connection.wait_connected()
-        batch = await outbox.lease(batch_size)
+        # While a reading is suspected, it goes alone: its fate then says something about it.
+        batch = await outbox.lease(1 if suspect.isolating else batch_size)
         if not batch:
             continue
         try:

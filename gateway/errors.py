@@ -57,7 +57,8 @@ class BrokerUnavailable(PublishError):
     """Not connected to the broker, or the connection was lost before every message was
     confirmed. Of the messages of that publish: the first `settled` were confirmed or
     refused (`refused`: topic, reason); `unconfirmed` is the index of the first message the
-    broker had and did not confirm (None if none); `by_broker` says the broker ended it."""
+    broker had and did not confirm (None if none); `blames_message` says the broker ended
+    the connection in a way that may be its answer to that message."""
 
     def __init__(
         self,
@@ -66,13 +67,13 @@ class BrokerUnavailable(PublishError):
         settled: int = 0,
         refused: list[tuple[str, str]] | None = None,
         unconfirmed: int | None = None,
-        by_broker: bool = False,
+        blames_message: bool = False,
     ) -> None:
         super().__init__(message)
         self.settled = settled
         self.refused = refused or []
         self.unconfirmed = unconfirmed
-        self.by_broker = by_broker
+        self.blames_message = blames_message
 
 
 class MessagesRefused(PublishError):

@@ -40,6 +40,11 @@ _BARRIER_FILTER = "millwright/barrier"
 DISCONNECT_WITH_WILL = 0x04
 
 _DISCONNECT_TIMEOUT = 1.0
+# MQTT 5 DISCONNECT reasons that are about a packet the client sent: malformed packet,
+# protocol error, implementation specific, not authorized, topic name invalid, topic alias
+# invalid, packet too large, payload format invalid, retain not supported, QoS not
+# supported. Not the others (server shutting down, session taken over, keepalive, quota...).
+_ABOUT_A_MESSAGE = frozenset({0x81, 0x82, 0x83, 0x87, 0x90, 0x94, 0x95, 0x99, 0x9A, 0x9B})
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
@@ -64,7 +69,7 @@ class _Tracker:
         if self.remaining == 0:
             self.finish()
 
-    def lost(self, reason: str, *, by_broker: bool) -> BrokerUnavailable:
+    def lost(self, reason: str, *, blames_message: bool) -> BrokerUnavailable:
         """The error for a connection lost meanwhile: how many messages, from the first, were
         settled (and which of those refused), and whether the first unsettled one was with
         the broker (the one a broker that drops us may have choked on)."""
@@ -75,7 +80,7 @@ class _Tracker:
             settled=settled,
             refused=[(topic, why) for i, topic, why in self.refused if i < settled],
             unconfirmed=settled if settled < self.handed else None,
-            by_broker=by_broker,
+            blames_message=blames_message,
         )
 
     def finish(self, error: PublishError | None = None) -> None:
@@ -104,12 +109,15 @@ class Session:
         self.acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self.max_inflight = max_inflight
         self.window = asyncio.Semaphore(max_inflight)
-        self.pending: dict[int, tuple[_Tracker, int, str]] = {}  # mid -> tracker, index, topic
+        self.pending: dict[int, tuple[_Tracker, int, str, int]] = {}  # mid -> tracker, index, topic, qos
         # PUBACKs (or QoS 0 writes) reported before publish() returned the mid.
         self.early: dict[int, ReasonCode] = {}
         self.connack: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
-        self.lost_by_broker = False  # the broker ended the connection (not a keepalive timeout, not us)
+        # Whether the way the connection ended may be the broker's answer to the message it
+        # had last (see _on_disconnect), and how many QoS 1 messages it confirmed before.
+        self.lost_blames_message = False
+        self.confirmed = 0
         self.max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK)
 
     @property
@@ -189,13 +197,17 @@ class Session:
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Properties | None
     ) -> None:
         if flags.is_disconnect_packet_from_server:
-            self.fail(f"the broker disconnected us: {reason}", by_broker=True)
+            about = reason.value in _ABOUT_A_MESSAGE
+            self.fail(f"the broker disconnected us: {reason}", blames_message=about)
         elif reason == "Keep alive timeout":
             self.fail("no answer from the broker within the keepalive")
         elif reason == "Success":
             self.fail("disconnected")
         else:
-            self.fail("the connection was closed", by_broker=True)
+            # The socket closed, or was reset. That is how a broker without MQTT 5 reasons
+            # (AWS IoT, an MQTT 3.1.1 session) refuses a message; it is also how a network
+            # fails, so forward() blames a message only on repeated, isolated evidence.
+            self.fail("the connection was closed", blames_message=True)
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties | None
@@ -261,20 +273,26 @@ class Session:
         reasons: list[ReasonCode] = future.result()
         return reasons
 
-    def _settle(self, tracker: _Tracker, index: int, topic: str, reason: ReasonCode) -> None:
+    def _settle(self, tracker: _Tracker, index: int, topic: str, qos: int, reason: ReasonCode) -> None:
         self.window.release()
+        if qos and not reason.is_failure:
+            self.confirmed += 1
         # A refusal does not stop the others: they may be accepted, and the caller must know
         # exactly which were confirmed and which refused.
         tracker.settle(index, topic, str(reason) if reason.is_failure else None)
 
-    def fail(self, reason: str, *, by_broker: bool = False) -> None:
-        """The connection is over: fail every pending publish and wake window waiters."""
+    def fail(self, reason: str, *, blames_message: bool = False) -> None:
+        """The connection is over: fail every pending publish and wake window waiters.
+
+        `blames_message`: the broker ended it in a way that may answer the message it had
+        last. Only on a connection that carried messages before (the broker confirmed some):
+        one that fails before any confirmation says nothing about a message."""
         if self.lost.done():
             return
-        self.lost_by_broker = by_broker
+        self.lost_blames_message = blames = blames_message and self.confirmed > 0
         self.lost.set_result(reason)
-        for tracker, _, _ in self.pending.values():
-            tracker.finish(tracker.lost(reason, by_broker=by_broker))
+        for tracker, _, _, _ in self.pending.values():
+            tracker.finish(tracker.lost(reason, blames_message=blames))
         # Each pending message holds one window slot; giving them back wakes every caller
         # blocked on a full window, and each then sees the loss.
         for _ in range(len(self.pending)):
@@ -361,11 +379,11 @@ class Session:
             tracker.handed = index + 1
             early = self.early.pop(info.mid, None)
             if early is None:
-                self.pending[info.mid] = (tracker, index, topic)
+                self.pending[info.mid] = (tracker, index, topic, qos)
             else:
-                self._settle(tracker, index, topic, early)
+                self._settle(tracker, index, topic, qos, early)
         if self.lost.done():
-            tracker.finish(tracker.lost(self.lost.result(), by_broker=self.lost_by_broker))
+            tracker.finish(tracker.lost(self.lost.result(), blames_message=self.lost_blames_message))
         await tracker.done.wait()
         if tracker.error is not None:
             raise tracker.error
