@@ -720,26 +720,55 @@ async def _connect(path: Path, clock: Callable[[], float]) -> aiosqlite.Connecti
         return await _prepare(path)
     except _Corrupt as exc:
         damage = str(exc)
-        floor = _salvage_last_seq(path)
-        moved = _move_aside(path, clock())
     except sqlite3.Error as exc:
         # Locked, no permission: not corruption; moving the file would not help.
         raise OutboxError(f"outbox {path}: {exc}") from exc
+    floor = _salvage_last_seq(path)
     if floor is None:
         # Nothing readable: continue from the clock in microseconds, which stays above any
         # seq the old file can have reached (that would take 10^6 readings/s since 1970).
         floor = time.time_ns() // 1000
+    # The fresh database is made beside the damaged one, seeded and committed, before anything
+    # is moved: when that fails (a full disk), the next try starts from the same damaged file.
+    # An empty file left in its place would open fine, and start seq at 1 again.
+    fresh = path.with_name(f"{path.name}.fresh")
+    _discard(fresh)  # left by an earlier try
     try:
-        db = await _prepare(path)
-        await db.execute(_SEED_SEQ, (floor,))
-        await db.commit()
+        db = await _prepare(fresh)
+        try:
+            await db.execute(_SEED_SEQ, (floor,))
+            await db.commit()
+        finally:
+            await db.close()
     except (_Corrupt, sqlite3.Error) as exc:
+        raise OutboxError(f"outbox {path}: cannot start a fresh database: {exc}") from exc
+    moved = _move_aside(path, clock())
+    try:
+        _rename(fresh, path)
+        db = await _prepare(path)
+    except (OSError, _Corrupt, sqlite3.Error) as exc:
         raise OutboxError(f"outbox {path}: cannot start a fresh database: {exc}") from exc
     log.error(
         "outbox %s is corrupt (%s): moved it to %s and started a fresh one; seq continues after %d",
         path, damage, moved, floor,
     )  # fmt: skip
     return db
+
+
+_SIDE_FILES = ("", "-wal", "-shm")  # a database file, its WAL and its shared-memory index
+
+
+def _discard(path: Path) -> None:
+    for suffix in _SIDE_FILES:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _rename(source: Path, target: Path) -> None:
+    """Rename a database and the -wal and -shm it has (a WAL stays if its close could not
+    checkpoint)."""
+    for suffix in _SIDE_FILES:
+        if Path(f"{source}{suffix}").exists():
+            Path(f"{source}{suffix}").rename(f"{target}{suffix}")
 
 
 def _salvage_last_seq(path: Path) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import pytest
@@ -130,3 +131,37 @@ async def test_open_on_a_full_disk_waits_for_room(
         assert (await box.stats()).depth == 100
     finally:
         await box.close()
+
+
+async def test_a_corrupt_outbox_found_on_a_full_disk_keeps_its_seq(
+    small_disk: Callable[[int], SmallDisk], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fresh database that replaces a corrupt one needs space too. While there is none,
+    the damaged file stays where it is, and the fresh one, made once there is room, continues
+    seq above the old file's (an empty file left in its place would start again at 1)."""
+    disk = small_disk(24 * MB)
+    path = disk.path / "outbox.db"
+    box = await Outbox.open(path)
+    await box.append(readings(500))
+    await box.close()
+    path.write_bytes(b"not a database any more, " * 400)  # (a failing SD card, say)
+    disk.fill(leave=0)
+    opening = asyncio.create_task(Outbox.open(path))
+    try:
+        await eventually(
+            lambda: any("waiting for room" in r.getMessage() for r in caplog.records),
+            timeout=20,
+            what="the wait to be logged",
+        )
+        disk.free()
+        box = await asyncio.wait_for(opening, timeout=30)
+    finally:
+        opening.cancel()
+    try:
+        await box.append(readings(1))
+        (entry,) = (await box.lease(10)).entries
+    finally:
+        await box.close()
+    # Nothing readable in the old file: seq goes on from the clock in microseconds.
+    assert entry.seq > time.time_ns() // 1000 - 60_000_000
+    assert any("is corrupt" in r.getMessage() for r in caplog.records)
