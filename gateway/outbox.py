@@ -289,7 +289,10 @@ class Outbox:
         stored, evicted and refused, and whether the disk counted as full. `disk_full` says so
         up front (a retry after SQLite found the disk full)."""
         refused = evicted = 0
-        disk_full = disk_full or not self._disk_has_room(len(rows))
+        if disk_full:
+            self._low_disk = True  # (a retry: SQLite found the disk full)
+        else:
+            disk_full = not self._disk_has_room(len(rows))
         if self._policy == "drop_newest":
             room = max(self._max_rows - self._count, 0)
             if self._max_bytes is not None and await self._used_bytes(self._count) > self._max_bytes:
@@ -309,32 +312,47 @@ class Outbox:
         return len(rows), evicted, refused, disk_full
 
     async def _fit(self, rows: list[_Row]) -> tuple[int, int]:
-        """Insert `rows` without growing the database (a disk below its reserve): into free
-        pages and the room left in others. Under drop_oldest, evict the oldest rows until they
-        fit (doubling the eviction each try); otherwise, or with nothing left to evict, the
-        rows are refused. Returns the rows stored and evicted."""
+        """Insert what of `rows` fits without growing the database (a disk below its
+        reserve): into its free pages and the room left in others. Under drop_oldest, the
+        oldest rows make room first, one for one, and the newest of `rows` are kept; under
+        drop_newest, the oldest of `rows`. Returns the rows stored and evicted."""
         db = self._db
         if not db.in_transaction:
             # sqlite3 opens its implicit transaction at the first INSERT, not at a SAVEPOINT, and
             # a savepoint outside a transaction commits when released.
             await db.execute("BEGIN")
         pages = await self._page_count()
+        if await self._fits(rows, pages, keep=True):
+            return len(rows), 0
         evicted = 0
-        evict = len(rows)
-        for _ in range(8):
-            await db.execute("SAVEPOINT fit")
-            await db.executemany(_INSERT, rows)
-            grew = await self._page_count() > pages
-            if grew:
-                await db.execute("ROLLBACK TO fit")
-            await db.execute("RELEASE fit")
-            if not grew:
+        if self._policy == "drop_oldest" and self._count:
+            evicted = await self._delete_oldest(len(rows))
+            if await self._fits(rows, pages, keep=True):
                 return len(rows), evicted
-            if self._policy != "drop_oldest" or evicted >= self._count:
-                break
-            evicted += await self._delete_oldest(evict)
-            evict *= 2
-        return 0, evicted
+        # The most rows that fit, found by halving (a dozen tries for thousands of rows).
+        newest = self._policy == "drop_oldest"
+        fits, fails = 0, len(rows)
+        while fails - fits > 1:
+            n = (fits + fails) // 2
+            if await self._fits(rows[-n:] if newest else rows[:n], pages, keep=False):
+                fits = n
+            else:
+                fails = n
+        if fits:
+            await db.executemany(_INSERT, rows[-fits:] if newest else rows[:fits])
+        return fits, evicted
+
+    async def _fits(self, rows: list[_Row], pages: int, *, keep: bool) -> bool:
+        """Whether inserting `rows` leaves the database at most `pages` long; the insert is
+        kept when it does and `keep`, else undone (its seqs too: sqlite_sequence rolls back)."""
+        db = self._db
+        await db.execute("SAVEPOINT fit")
+        await db.executemany(_INSERT, rows)
+        fits = await self._page_count() <= pages
+        if not (fits and keep):
+            await db.execute("ROLLBACK TO fit")
+        await db.execute("RELEASE fit")
+        return fits
 
     async def _page_count(self) -> int:
         (pages,) = next(iter(await self._db.execute_fetchall("PRAGMA page_count")))

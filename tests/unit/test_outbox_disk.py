@@ -52,8 +52,8 @@ async def test_low_disk_is_a_cap_not_a_crash(
         assert len(warnings) == 1, warnings  # once per episode, not per batch
         assert "the disk is full" in warnings[0]
         batch = await box.lease(100_000)
-        if policy == "drop_oldest":  # the newest kept, in order
-            assert seqs(batch) == list(range(offered - stats.depth + 1, offered + 1))
+        if policy == "drop_oldest":  # the newest kept, in order (refused rows got no seq)
+            assert seqs(batch) == list(range(stats.last_seq - stats.depth + 1, stats.last_seq + 1))
         else:  # the oldest kept
             assert seqs(batch) == list(range(1, stats.depth + 1))
         await box.release(batch)
@@ -165,3 +165,31 @@ async def test_a_corrupt_outbox_found_on_a_full_disk_keeps_its_seq(
     # Nothing readable in the old file: seq goes on from the clock in microseconds.
     assert entry.seq > time.time_ns() // 1000 - 60_000_000
     assert any("is corrupt" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+async def test_a_batch_larger_than_the_room_left_is_stored_in_part(
+    small_disk: Callable[[int], SmallDisk], policy: str
+) -> None:
+    """One OPC UA device of 2,000 tags appends 2,000 readings at once: on a full disk the
+    outbox keeps what fits (the newest of them under drop_oldest, the oldest under
+    drop_newest), not nothing, and drop_oldest does not empty itself for them."""
+    disk = small_disk(24 * MB)
+    box = await Outbox.open(disk.path / "outbox.db", policy=policy)
+    try:
+        await box.append(readings(100))
+        disk.fill(leave=2 * MB)  # below the reserve
+        await box.append(readings(2000, start=100))
+        stats = await box.stats()
+        batch = await box.lease(10_000)
+    finally:
+        await box.close()
+    stored = [e for e in batch.entries if e.seq > 100]
+    assert stored, "nothing of the batch was kept"
+    assert stats.depth + stats.dropped == 2100
+    if policy == "drop_oldest":
+        assert len(stored) >= 100  # at least one for one with what it evicted
+        assert [e.reading.tag for e in stored] == [f"t{i}" for i in range(2100 - len(stored), 2100)]
+    else:
+        assert len(batch) - len(stored) == 100  # the old rows stay
+        assert [e.reading.tag for e in stored] == [f"t{i}" for i in range(100, 100 + len(stored))]
