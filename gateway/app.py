@@ -199,9 +199,11 @@ class Gateway:
                 await out.close()
                 await cancel([link])
         finally:
-            for _, collector in collectors:
-                await collector.close()
-            await outbox.close()
+            try:
+                for _, collector in collectors:
+                    await collector.close()
+            finally:
+                await outbox.close()
         log.info("gateway %s stopped", s.gateway.id)
 
     async def _open_outbox(self) -> Outbox | None:

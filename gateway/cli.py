@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -189,20 +190,19 @@ def report_failure(exc: BaseException) -> int:
     leaves = _leaves(exc)
     if any(isinstance(e, KeyboardInterrupt) for e in leaves):
         return 130
-    if any(isinstance(e, SystemExit) for e in leaves):
-        code = next(e.code for e in leaves if isinstance(e, SystemExit))
-        return code if isinstance(code, int) else EXIT_FAILURE
-    configs = [e for e in leaves if isinstance(e, ConfigError)]
-    if configs:
-        print(f"millwright: {configs[0]}", file=sys.stderr)
-        return EXIT_CONFIG
+    if exits := [e for e in leaves if isinstance(e, SystemExit)]:
+        code = exits[0].code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)  # sys.exit("message"): the message, and status 1
+        return EXIT_FAILURE
     bugs = [e for e in leaves if not isinstance(e, GatewayError)]
     if not bugs:
-        first = leaves[0]
+        first = next((e for e in leaves if isinstance(e, ConfigError)), leaves[0])
         # Its message names the cause already (e.g. SQLite's); the traceback only with -v.
         log.debug("stopping", exc_info=first)
         print(f"millwright: {first}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(first, OutboxLocked) else EXIT_FAILURE
+        return EXIT_CONFIG if isinstance(first, ConfigError | OutboxLocked) else EXIT_FAILURE
     first_bug = bugs[0]  # a bug beside an expected error is still a bug: it is what to report
     log.critical("internal error, stopping", exc_info=first_bug)
     print(
@@ -247,9 +247,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return 0
             return _simulate(args)
         except OSError as exc:
-            # The port is taken (or not ours to bind): the one thing a user can do wrong here.
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            print(f"millwright: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                # The port is taken, or not ours to bind: what a user most often gets wrong here.
+                reason = os.strerror(exc.errno)
+                print(f"millwright: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+            else:  # e.g. a --pki folder that cannot be made
+                print(f"millwright: {exc}", file=sys.stderr)
             return EXIT_FAILURE
     if args.command == "browse":
         _logging("debug" if args.verbose else "warning")

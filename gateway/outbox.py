@@ -77,6 +77,9 @@ _RESERVE_MARGIN = 1024 * 1024
 # Below this much free space an outbox that fails to open is taken to be on a full disk:
 # start-up then waits for room instead of exiting (systemd would restart it into the same).
 _OPEN_ROOM = 1024 * 1024
+# What SQLite says when opening on a full disk: full, an I/O error (the -shm could not be
+# grown), cannot open (no room for the file).
+_FULL_DISK_CODES = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
 # What a row is taken to need before the file has been measured (value, names, index).
 _ROW_GUESS = 200
 
@@ -564,8 +567,11 @@ class Outbox:
         return OutboxStats(self._count, age, self._dropped, size, self._last_seq)
 
     async def close(self) -> None:
-        """Wait for a write in progress, report an unfinished full episode, close the file."""
+        """Wait for a write in progress, report an unfinished full episode, close the file.
+        Once: a second call does nothing."""
         async with self._lock:
+            if self._lock_fd < 0:
+                return
             if self._full_since is not None:
                 self._end_episode()
             if self._unsaved_dropped:
@@ -579,6 +585,7 @@ class Outbox:
                 await self._db.close()
             finally:
                 os.close(self._lock_fd)
+                self._lock_fd = -1
 
     @contextlib.asynccontextmanager
     async def _transaction(self, what: str) -> AsyncIterator[None]:
@@ -711,7 +718,10 @@ async def _connect_when_there_is_room(path: Path, clock: Callable[[], float]) ->
         except OutboxError as exc:
             st = os.statvfs(path.parent)
             free = st.f_bavail * st.f_frsize
-            if free >= _OPEN_ROOM:
+            # Only a full disk is worth waiting for (a newer schema, say, is not).
+            cause = exc.__cause__
+            code = cause.sqlite_errorcode & 0xFF if isinstance(cause, sqlite3.Error) else None
+            if free >= _OPEN_ROOM or code not in _FULL_DISK_CODES:
                 raise
             if backoff.attempts == 0:
                 log.error("outbox %s cannot be opened: the disk is full (%d kB free): %s; waiting for room",

@@ -30,3 +30,18 @@ def test_a_port_in_use_is_one_line(protocol: str, taken_port: int, tmp_path: Pat
         f"millwright: cannot listen on 127.0.0.1:{taken_port}: Address already in use"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_another_os_error_is_one_line_of_its_own(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    pki = tmp_path / "a-file" / "pki"  # cannot be made: its parent is a file
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "simulate", "opcua", "--port", "0", "--pki", str(pki)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("millwright: ")
+    assert "cannot listen" not in last
+    assert "a-file" in last
+    assert "Traceback" not in done.stderr

@@ -31,6 +31,9 @@ CASES = [
      "(stop the other one, or give this config its own outbox.path)"),
     (ExceptionGroup("tasks", [BUG]), 70, BUG_LINE),
     (ExceptionGroup("tasks", [OutboxError("outbox /x.db: first"), BUG]), 70, BUG_LINE),
+    (ExceptionGroup("tasks", [ConfigError("a.yaml", ["x: bad"]), BUG]), 70, BUG_LINE),
+    (ExceptionGroup("tasks", [OutboxError("outbox /x.db: first"), ConfigError("a.yaml", ["x: bad"])]), 2,
+     "millwright: a.yaml: invalid configuration\n  x: bad"),
     (RuntimeError("no running event loop"), 70,
      "millwright: internal error: RuntimeError: no running event loop "
      "(the traceback is in the log above; please report it)"),
@@ -62,3 +65,13 @@ def test_a_bug_leaves_its_traceback_in_the_log(
 def test_ctrl_c_inside_a_group_is_130(capsys: pytest.CaptureFixture[str]) -> None:
     assert report_failure(BaseExceptionGroup("tasks", [KeyboardInterrupt()])) == 130
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "err"), [(None, 0, ""), (0, 0, ""), (3, 3, ""), ("bye", 1, "bye\n")]
+)
+def test_sys_exit_keeps_its_status(
+    code: object, status: int, err: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert report_failure(BaseExceptionGroup("tasks", [SystemExit(code)])) == status
+    assert capsys.readouterr().err == err

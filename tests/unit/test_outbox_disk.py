@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 
 import pytest
 
+from gateway.errors import OutboxError
 from gateway.model import Batch, Quality, Reading
 from gateway.outbox import Outbox, read_stats
 from tests.helpers import SmallDisk, eventually
@@ -193,3 +195,17 @@ async def test_a_batch_larger_than_the_room_left_is_stored_in_part(
     else:
         assert len(batch) - len(stored) == 100  # the old rows stay
         assert [e.reading.tag for e in stored] == [f"t{i}" for i in range(100, 100 + len(stored))]
+
+
+async def test_only_a_full_disk_is_waited_for(small_disk: Callable[[int], SmallDisk]) -> None:
+    """An outbox written by a newer gateway is an error at once, full disk or not."""
+    disk = small_disk(8 * MB)
+    path = disk.path / "outbox.db"
+    box = await Outbox.open(path)
+    await box.close()
+    await box.close()  # (a second close does nothing)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    disk.fill(leave=0)
+    with pytest.raises(OutboxError, match="schema version 99 is newer"):
+        await asyncio.wait_for(Outbox.open(path), timeout=20)
