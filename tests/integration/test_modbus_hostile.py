@@ -166,7 +166,9 @@ CASES = {
     "transaction id + 1": Case("holding", pdu(lambda s, r: s.correct_pdu(r), tid=1), COMM),
     "transaction id 0": Case("holding", lambda s, r: frame(0, r.unit, s.correct_pdu(r)), COMM),
     "unit id + 1": Case("holding", pdu(lambda s, r: s.correct_pdu(r), unit=1), COMM),
-    "unit id 1 for unit 0": Case("holding", lambda s, r: frame(r.tid, 1, s.correct_pdu(r)), COMM, unit=0),
+    # Unit 0 and 255 ask "the device itself" (Modbus TCP): many answer with their own id.
+    "unit id 1 for unit 0": Case("holding", lambda s, r: frame(r.tid, 1, s.correct_pdu(r)), None, unit=0),
+    "unit id 7 for unit 255": Case("holding", lambda s, r: frame(r.tid, 7, s.correct_pdu(r)), None, unit=255),
     # not Modbus TCP framing: the connection cannot be trusted any more
     "protocol id 1": Case(
         "holding", lambda s, r: frame(r.tid, r.unit, s.correct_pdu(r), protocol=1), NotConnected
@@ -417,6 +419,8 @@ def exact_values(request: Request, sent: bytes | None) -> list[int] | None:
     if sent is None or len(sent) < MBAP.size:
         return None
     tid, protocol, length, unit = MBAP.unpack_from(sent)
+    if request.unit in (0, 255):  # "the device itself": whatever id it answers with
+        unit = request.unit
     if (tid, protocol, unit, length) != (request.tid, 0, request.unit, size + 3) or len(sent) < 6 + length:
         return None
     body = sent[MBAP.size : 6 + length]

@@ -97,6 +97,12 @@ class _Answer(ModbusPDU):
         self.tid, self.unit = ids
         self.lost = lost
 
+    @property
+    def unit_matches(self) -> bool:
+        """The frame is from the unit asked. Unit 0 and 255 mean "the device itself" on
+        Modbus TCP, and many such devices answer with their own id instead: any id then."""
+        return self.unit == self.dev_id or self.dev_id in (0, 255)
+
 
 class _Framer(FramerSocket):
     """MBAP framing for our client: every complete frame becomes an `_Answer`.
@@ -244,7 +250,7 @@ class ModbusCollector:
         pdu, function = answer.pdu, FUNCTIONS[request.table]
         bits = request.table in BIT_TABLES
         size = (request.count + 7) // 8 if bits else 2 * request.count  # the byte count asked for
-        matches = answer.tid == answer.transaction_id and answer.unit == answer.dev_id
+        matches = answer.tid == answer.transaction_id and answer.unit_matches
         if matches and len(pdu) == 2 + size and pdu[0] == function and pdu[1] == size:
             if self._faults:
                 self._accept(request)
@@ -330,7 +336,7 @@ def _mismatch(answer: _Answer, function: int, size: int) -> tuple[Status, str, s
         # A frame of another transaction says nothing about this request, whatever it holds.
         detail = f"transaction id {answer.tid} (expected {answer.transaction_id})"
         return Status.BAD_COMMUNICATION_ERROR, "wrong transaction id", detail
-    if answer.unit != answer.dev_id:
+    if not answer.unit_matches:
         # Another unit's registers (a gateway mixing up its serial devices, say).
         detail = f"unit id {answer.unit} (expected {answer.dev_id})"
         return Status.BAD_COMMUNICATION_ERROR, "wrong unit id", detail
