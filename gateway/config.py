@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway import tls, yamlload
 from gateway.collectors.modbus.settings import ModbusDevice
@@ -23,8 +23,10 @@ from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
 from gateway.settings_types import (
+    INT_FROM_ENV,
     Bool,
     Duration,
+    EnvText,
     Int,
     Model,
     MqttString,
@@ -60,8 +62,8 @@ class OutboxSettings(Model):
     max_rows: Int = Field(
         default=1_000_000, ge=100, description="Most readings kept while the broker is away."
     )
-    max_bytes: Int | None = Field(
-        default=None, ge=1_000_000, description="Optional cap on the database file size, in bytes."
+    max_bytes: Annotated[int, Strict(), Field(ge=1_000_000), INT_FROM_ENV] | None = Field(
+        default=None, description="Optional cap on the database and its WAL, in bytes."
     )
     policy: Literal["drop_oldest", "drop_newest"] = Field(
         default="drop_oldest",
@@ -231,7 +233,7 @@ def _expand(node: Any, loc: tuple[Any, ...], env: dict[str, str], missing: list[
                 return ""
             return env[name]
 
-        return _ENV.sub(sub, node)
+        return EnvText(_ENV.sub(sub, node))
     return node
 
 
@@ -480,7 +482,10 @@ def _describe(err: Any) -> str:
             msg += " (quote it to make it text)"
         elif err["type"] != "string_type" and isinstance(err["input"], str):
             # Quoted numbers, and every ${NAME}: substitution always gives text.
-            msg += " (write numbers and true/false without quotes; a ${NAME} is always text)"
+            if isinstance(err["input"], EnvText):
+                msg += " (from ${NAME}: give the variable digits, or true or false)"
+            else:
+                msg += " (write numbers and true/false without quotes)"
     elif err["type"] == "string_unicode":
         msg = "not UTF-8 text (a surrogate code point: from an environment variable holding other bytes?)"
     return f"{_key_path(err['loc'])}: {msg}"
@@ -497,7 +502,7 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null (an empty value)"
     kinds = {int: "an integer", float: "a decimal number", str: "text", list: "a list", dict: "a mapping"}
-    return kinds.get(type(value), f"a value of type {type(value).__name__}")
+    return next((kind for t, kind in kinds.items() if isinstance(value, t)), f"a {type(value).__name__}")
 
 
 def load(path: str | Path) -> Settings:

@@ -101,10 +101,35 @@ def _at_least_reconnect_start(seconds: float) -> float:
 
 ReconnectMax = Annotated[Duration, AfterValidator(_at_least_reconnect_start)]
 
+
+class EnvText(str):
+    """Text that `${NAME}` put in the config. A number or a switch may come that way
+    (`port: ${MQTT_PORT}`): YAML saw only the reference, so its text is read here instead."""
+
+    __slots__ = ()
+
+
+_INT = re.compile(r"\s*[-+]?[0-9]+\s*")
+
+
+def _int_from_env(value: Any) -> Any:
+    return int(value) if isinstance(value, EnvText) and _INT.fullmatch(value) else value
+
+
+def _bool_from_env(value: Any) -> Any:
+    if isinstance(value, EnvText) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
 # Numbers and switches: YAML has its own types, and a config takes them as written. Plain
 # pydantic coerces: `port: true` became port 1, `aliases: "yes"` True, `tls_insecure: 1` True.
-Int = Annotated[int, Strict()]
-Bool = Annotated[bool, Strict()]
+INT_FROM_ENV = BeforeValidator(_int_from_env)
+Int = Annotated[int, Strict(), INT_FROM_ENV]
+Bool = Annotated[bool, Strict(), BeforeValidator(_bool_from_env)]
+# An optional Int with bounds takes them inside, before INT_FROM_ENV: a Field's bounds on the
+# optional would not pass through the validator, and would reach the JSON Schema as "ge"/"le".
+# `Annotated[int, Strict(), Field(ge=0, le=15), INT_FROM_ENV] | None`
 
 
 def _number(value: Any) -> Any:

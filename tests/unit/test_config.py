@@ -170,6 +170,46 @@ def test_environment_variables_are_substituted() -> None:
     assert settings.mqtt.username == "line1-gw"
 
 
+def test_numbers_and_switches_may_come_from_the_environment() -> None:
+    """`port: ${MODBUS_PORT}`: YAML saw only the reference, so its value's text is read as the
+    number or the switch the key takes; the same text stays text where a key takes text."""
+    text = _edit({
+        "devices.0.port": "${MODBUS_PORT}", "mqtt.keepalive": "${KEEPALIVE}",
+        "outbox.max_bytes": "${OUTBOX_BYTES}", "mqtt.username": "${NUMERIC}", "mqtt.password": "${NUMERIC}",
+        "devices.0.tags.0.scale": "${SCALE}", "devices.0.max_gap": " ${GAP} ",
+    })  # fmt: skip
+    env = {"MODBUS_PORT": "5021", "KEEPALIVE": "45", "OUTBOX_BYTES": "2000000", "NUMERIC": "1234",
+           "SCALE": "0.5", "GAP": "3"}  # fmt: skip
+    settings = config.parse(text, "plant.yaml", env=env)
+    device = settings.devices[0]
+    assert (device.port, settings.mqtt.keepalive, settings.outbox.max_bytes) == (5021, 45, 2_000_000)
+    assert (settings.mqtt.username, settings.mqtt.password) == ("1234", "1234")
+    assert isinstance(device, config.ModbusDevice)
+    assert (device.tags[0].scale, device.max_gap) == (0.5, 3)
+    insecure = _edit({"mqtt.url": "mqtts://127.0.0.1", "mqtt.tls_insecure": "${INSECURE}"})
+    assert config.parse(insecure, "plant.yaml", env={"INSECURE": "True"}).mqtt.tls_insecure is True
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("devices.0.port", "abc", "devices[0].port: Input should be a valid integer, not text (from ${NAME}"),
+        ("devices.0.port", "1.5", "devices[0].port: Input should be a valid integer, not text (from ${NAME}"),
+        ("devices.0.port", "99999", "devices[0].port: Input should be less than or equal to 65535"),
+        (
+            "mqtt.tls_insecure",
+            "yes",
+            "mqtt.tls_insecure: Input should be a valid boolean, not text (from ${NAME}",
+        ),
+    ],
+)
+def test_a_number_or_switch_from_the_environment_must_be_one(path: str, value: str, message: str) -> None:
+    doc = _edit({"mqtt.url": "mqtts://127.0.0.1", path: "${VALUE}"})
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, "plant.yaml", env={"VALUE": value})
+    assert message in str(info.value)
+
+
 def test_missing_environment_variable_is_an_error_at_its_key() -> None:
     text = _with("mqtt.password", "pre-${MQTT_PASSWORD}")
     with pytest.raises(ConfigError) as info:
@@ -358,7 +398,7 @@ def test_mqtt_text_problem(text: str, problem: str | None) -> None:
 FINITE = "Input should be a finite number"
 INT, BOOL, STR = (f"Input should be a valid {t}, not" for t in ("integer", "boolean", "string"))
 TRUE, FALSE = "the boolean true", "the boolean false"
-TEXT = "text (write numbers and true/false without quotes; a ${NAME} is always text)"
+TEXT = "text (write numbers and true/false without quotes)"
 QUOTE = "(quote it to make it text)"
 HUGE = "an integer of 1329 bits"  # 10**400
 T0, T2 = "devices[0].tags[0]", "devices[0].tags[2]"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 
 from gateway.settings_types import (
+    INT_FROM_ENV,
     RECONNECT_MAX_DESCRIPTION,
     AssetOverride,
     Duration,
@@ -46,11 +47,12 @@ class ModbusTag(Model):
         default=None,
         description="Byte/word order of multi-register values; defaults to the device's `order`.",
     )
-    bit: Int | None = Field(
-        default=None, ge=0, le=15, description="For type bool on a register: the bit, 0 = least significant."
+    # (Optional and bounded: see settings_types.INT_FROM_ENV.)
+    bit: Annotated[int, Strict(), Field(ge=0, le=15), INT_FROM_ENV] | None = Field(
+        default=None, description="For type bool on a register: the bit, 0 = least significant."
     )
-    length: Int | None = Field(
-        default=None, ge=1, le=125, description="For type string: the number of registers (2 chars each)."
+    length: Annotated[int, Strict(), Field(ge=1, le=125), INT_FROM_ENV] | None = Field(
+        default=None, description="For type string: the number of registers (2 chars each)."
     )
     scale: Float = Field(default=1.0, description="value = raw * scale + offset.")
     offset: Float = Field(default=0.0, description="value = raw * scale + offset.")
