@@ -78,10 +78,12 @@ class BrokerUnavailable(PublishError):
 
 class MessagesRefused(PublishError):
     """The broker refused some messages (MQTT 5 PUBACK reason >= 0x80, e.g. not authorised)
-    and confirmed all the others. `refused` lists (topic, reason) in publish order."""
+    and confirmed all the others. `refused` lists (topic, reason), and `indices` their places
+    among the messages published."""
 
-    def __init__(self, refused: list[tuple[str, str]]) -> None:
+    def __init__(self, refused: list[tuple[str, str]], indices: list[int] | None = None) -> None:
         self.refused = refused
+        self.indices = indices or []
         topic, reason = refused[0]
         more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
         super().__init__(f"the broker refused the message to {topic!r}: {reason}{more}")

@@ -97,6 +97,11 @@ class MqttConnection:
         self._reuse_will = False
 
     @property
+    def max_packet(self) -> int | None:
+        """The broker's Maximum Packet Size on the current connection (MQTT 5), if it said one."""
+        return None if self._session is None else self._session.max_packet
+
+    @property
     def connected(self) -> bool:
         return self._ready.is_set()
 

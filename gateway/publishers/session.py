@@ -388,7 +388,9 @@ class Session:
         if tracker.error is not None:
             raise tracker.error
         if tracker.refused:
-            raise MessagesRefused([(topic, why) for _, topic, why in tracker.refused])
+            raise MessagesRefused(
+                [(topic, why) for _, topic, why in tracker.refused], [i for i, _, _ in tracker.refused]
+            )
 
 
 async def open_client(client: paho.Client, args: dict[str, Any]) -> None:

@@ -248,3 +248,41 @@ async def test_hostile_commands_leave_the_node_working(
     finally:
         await running.stop()
     assert node._warned <= {"dcmd", "ncmd-payload", "ncmd metric"}
+
+
+async def test_a_ddata_over_the_brokers_maximum_packet_size_is_split(
+    make_mosquitto: MakeMosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A lease carries many readings of a device (a replay leases thousands): one DDATA for
+    all of them may be larger than the broker takes (MQTT 5 Maximum Packet Size), and would
+    be refused whole. It goes out in as many DDATA as it takes, every value delivered,
+    nothing dropped, seq unbroken."""
+    broker = make_mosquitto("max_packet_size 4096")
+    tags = [f"temperature_{i:02}" for i in range(50)]  # a DBIRTH of about 3.3 kB: it fits
+    node = SparkplugNode(
+        MqttSettings(url=broker.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")),
+        SparkplugSettings(group_id="g"),
+        outbox,
+        edge_node_id="n",
+        devices={"m1": [(t, DataType.DOUBLE, None) for t in tags]},
+        bdseq=BdSeqFile(tmp_path / "bdseq"),
+        client_id="node-under-test",
+    )
+    h = Host(broker, subscriber(broker, "spBv1.0/#"))
+    running = Node(node)
+    try:
+        await h.received(lambda s: len(h.of("DBIRTH")) == 1)
+        # Ten readings of each tag in one append, so in one lease: 500 metrics, some 15 kB.
+        await node.append(
+            [reading("m1", t, float(10 * i + k)) for k in range(10) for i, t in enumerate(tags)]
+        )
+        sparks = await h.received(lambda s: sum(len(d.payload.metrics) for d in h.of("DDATA")) >= 500)
+        stats = await outbox.stats()
+    finally:
+        await running.stop()
+    ddata = h.of("DDATA")
+    assert len(ddata) >= 4
+    assert all(len(d.payload.SerializeToString()) < 4096 for d in ddata)
+    assert sorted(m.double_value for d in ddata for m in d.payload.metrics) == [float(v) for v in range(500)]
+    assert stats.dropped == 0
+    assert seq_gaps(sparks) == []

@@ -68,6 +68,10 @@ REBIRTH = "Node Control/Rebirth"
 # (lease, publish, barrier, ack) costs about the same for 500 rows as for 2,000, so history
 # drains about four times faster, and live readings wait for one history lease at most.
 _HISTORY_BATCHES = 4
+# A DDATA's metrics stay under this, or the broker's maximum packet size if it says a lower
+# one: AWS IoT Core takes 128 KB, EMQX announces 1 MB; 256 KiB keeps a replay of 2,000 long
+# strings in a handful of messages.
+_DDATA_BYTES = 256 * 1024
 BDSEQ = "bdSeq"
 
 _MODBUS_TYPES = {
@@ -148,6 +152,37 @@ class BdSeqFile:
                           "after a restart", self.path, exc.strerror or exc)  # fmt: skip
                 self._warned = True
         return value
+
+
+def _by_size(entries: list[Entry], limit: int) -> Iterable[list[Entry]]:
+    """`entries` in runs whose metrics (estimated) take at most `limit` bytes each; one entry
+    alone may take more (the broker refuses it then, and it is counted)."""
+    run: list[Entry] = []
+    size = 0
+    for entry in entries:
+        need = _metric_bytes(entry.reading)
+        if run and size + need > limit:
+            yield run
+            run, size = [], 0
+        run.append(entry)
+        size += need
+    if run:
+        yield run
+
+
+def _metric_bytes(r: Reading) -> int:
+    """At least what `r` takes as a DDATA metric: name, timestamp, datatype and framing, the
+    value (text at up to 4 bytes a character in UTF-8; an array as its JSON text), and the
+    Quality and Status properties when not Good."""
+    value = r.value
+    size = 32 + 4 * len(r.tag)
+    if isinstance(value, str):
+        size += 4 * len(value)
+    elif isinstance(value, list):
+        size += 4 * len(str(value))
+    else:
+        size += 16
+    return size if r.quality is Quality.GOOD else size + 64
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -394,7 +429,10 @@ class SparkplugNode:
             await self._send(messages, barrier=False)
         except MessagesRefused as exc:
             # A device the broker cannot take (a name buffered by an older version that no
-            # topic may carry): the other births went out, and its readings will be refused too.
+            # topic may carry, a birth larger than the broker takes): the other births went
+            # out; it stays unborn, and its readings bring another DBIRTH.
+            for topic, _ in exc.refused:
+                self._unborn(topic)
             self._warn_once("births refused", "births refused by the broker: %s", exc)
         if self._outbox.replaying:
             log.info(
@@ -409,15 +447,17 @@ class SparkplugNode:
         live = await self._outbox.lease(self._batch, live=True)
         if await self._hold(live):
             return True
-        messages, done = self._messages(live, historical=False, known=known, short=len(live) < self._batch)
-        await self._deliver(live, messages, done)
+        messages, done, carried = self._messages(
+            live, historical=False, known=known, short=len(live) < self._batch
+        )
+        await self._deliver(live, messages, done, carried)
         if not self._outbox.replaying:
             return bool(live) or bool(messages)
         history = await self._outbox.lease(self._batch * _HISTORY_BATCHES)
         if await self._hold(history):
             return True
-        messages, done = self._messages(history, historical=True)
-        await self._deliver(history, messages, done)
+        messages, done, carried = self._messages(history, historical=True)
+        await self._deliver(history, messages, done, carried)
         if not self._outbox.replaying:
             log.info("replay of historical readings done")
         return True
@@ -429,7 +469,9 @@ class SparkplugNode:
             return True
         return False
 
-    async def _deliver(self, batch: Batch, messages: list[Message], done: int) -> None:
+    async def _deliver(
+        self, batch: Batch, messages: list[Message], done: int, carried: dict[int, int]
+    ) -> None:
         """Send `messages`, which carry the first `done` entries of `batch`; ack those and
         release the rest (they wait for the rebirth that cut the batch short)."""
         refused = 0
@@ -439,11 +481,13 @@ class SparkplugNode:
             await self._outbox.release(batch)
             raise
         except MessagesRefused as exc:
-            # Every other message was confirmed (the barrier ran): the refused DDATA's
-            # readings are dropped, counted, like a refused UNS message.
-            devices = {topic.rsplit("/", 1)[-1] for topic, _ in exc.refused}
-            refused = sum(e.reading.device in devices for e in batch.entries[:done])
-            self._warn_once("ddata refused", "DDATA refused by the broker: %s", exc)
+            # Every other message was confirmed (the barrier ran): the readings of a refused
+            # DDATA are dropped, counted, like a refused UNS message. A refused DBIRTH leaves
+            # its device unborn: its next readings bring another.
+            refused = sum(carried.get(i, 0) for i in exc.indices)
+            for i in exc.indices:
+                self._unborn(messages[i][0])
+            self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
         if done == len(batch):
             await self._outbox.ack(batch, refused=refused)
             return
@@ -469,7 +513,7 @@ class SparkplugNode:
 
     def _messages(
         self, batch: Batch, *, historical: bool, known: int = 0, short: bool = False
-    ) -> tuple[list[Message], int]:
+    ) -> tuple[list[Message], int, dict[int, int]]:
         """DDATA per device, in seq order, with the DBIRTHs and DDEATHs that fall between;
         and how many entries they carry.
 
@@ -479,8 +523,10 @@ class SparkplugNode:
         data for a dead device. A metric of a live device that the host does not know yet
         (a new tag, a datatype learned from the first value) cuts the batch short: the node
         must rebirth first, since a DBIRTH announces every metric for the whole session.
+        `carried` maps the index of each DDATA to the number of entries in it.
         """
         messages: list[Message] = []
+        carried: dict[int, int] = {}
         group: dict[str, list[Entry]] = {}
         revived: list[str] = []
         downs, remaining = self._downs, known
@@ -488,12 +534,12 @@ class SparkplugNode:
         for entry in batch.entries:
             r = entry.reading
             while remaining and downs[0][0] < entry.seq:
-                self._flush(group, messages, historical=historical)
+                self._flush(group, messages, carried, historical=historical)
                 self._died(downs.popleft()[1], messages)
                 remaining -= 1
             changed = self._learn(r, historical=historical)
             if r.device not in self._born:
-                self._flush(group, messages, historical=historical)
+                self._flush(group, messages, carried, historical=historical)
                 messages.append(self._dbirth(r.device, _now_ms()))
                 if historical:
                     revived.append(r.device)
@@ -503,22 +549,42 @@ class SparkplugNode:
                 break
             group.setdefault(r.device, []).append(entry)
             done += 1
-        self._flush(group, messages, historical=historical)
+        self._flush(group, messages, carried, historical=historical)
         if done == len(batch):
             while remaining and (short or downs[0][0] <= batch.last_seq):
                 self._died(downs.popleft()[1], messages)
                 remaining -= 1
         messages.extend(self._ddeath(device) for device in revived if device in self._born)
-        return messages, done
+        return messages, done, carried
 
     def _died(self, device: str, messages: list[Message]) -> None:
         if device in self._born:  # once per outage
             messages.append(self._ddeath(device))
 
-    def _flush(self, group: dict[str, list[Entry]], messages: list[Message], *, historical: bool) -> None:
+    def _flush(
+        self, group: dict[str, list[Entry]], messages: list[Message], carried: dict[int, int], *,
+        historical: bool,
+    ) -> None:  # fmt: skip
+        """A DDATA per device for `group`; as many as it takes to stay under the broker's
+        maximum packet size (a replay leases thousands of readings at once)."""
+        limit = self._ddata_bytes()
         for device, entries in group.items():
-            messages.append(self._ddata(device, entries, historical=historical))
+            for chunk in _by_size(entries, limit):
+                carried[len(messages)] = len(chunk)
+                messages.append(self._ddata(device, chunk, historical=historical))
         group.clear()
+
+    def _ddata_bytes(self) -> int:
+        """What the metrics of one DDATA may take: under the broker's announced maximum
+        packet size (the rest is room for the topic and the headers), and under _DDATA_BYTES."""
+        largest = self.connection.max_packet
+        return _DDATA_BYTES if largest is None else max(1, min(_DDATA_BYTES, largest - 512))
+
+    def _unborn(self, topic: str) -> None:
+        """A DBIRTH on `topic` did not go out: the device has to be born again."""
+        parts = topic.split("/")
+        if len(parts) == 5 and parts[2] == "DBIRTH":
+            self._born.discard(parts[4])
 
     def _learn(self, r: Reading, *, historical: bool) -> bool:
         """Note `r`'s metric and datatype; True when the host has not been told them: a new
