@@ -58,13 +58,19 @@ def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool
             time.sleep(0.02)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:  # noqa: ASYNC109
-    """Poll `condition` while the event loop keeps running; fail the test after `timeout` s."""
+async def eventually(
+    condition: Callable[[], bool],
+    timeout: float = 5.0,  # noqa: ASYNC109
+    what: str = "condition",
+    every: float = 0.01,
+) -> None:
+    """Poll `condition` every `every` s while the event loop keeps running; fail the test
+    after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(every)
 
 
 class Mosquitto:

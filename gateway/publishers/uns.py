@@ -124,7 +124,9 @@ class UnsPublisher:
             return _non_finite(doc)
 
     async def publish(self, batch: Batch) -> None:
-        """Publish every entry (QoS 1); return when the broker acknowledged all of them."""
+        """Publish every entry (QoS 1); return when the broker acknowledged all of them.
+        One message per entry, in order: `forward` maps what the broker confirmed or refused
+        back to the entries by their index."""
         topic, payload = self.topic, self.payload
         messages = [(topic(e.reading.device, e.reading.tag), payload(e), 1, False) for e in batch.entries]
         await self._connection.publish_many(messages)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from gateway.model import AssetPath, Quality, Reading
 from gateway.outbox import Outbox
 from gateway.publishers.uns import connect_uns
 from tests.conftest import MakeMosquitto, Subscribe
-from tests.helpers import Message, Mosquitto, eventually
+from tests.helpers import Message, Mosquitto
 
 GATEWAY = GatewaySettings(id="gw", enterprise="acme", site="s", area="a", line="l")
 PATH = AssetPath("acme", "s", "a", "l", "press-1")
@@ -83,7 +84,10 @@ class Forwarding:
         ]
 
     async def drained(self) -> None:
-        await eventually(lambda: self.outbox._count == 0, timeout=30, what="the outbox drained")
+        deadline = time.monotonic() + 30
+        while (await self.outbox.stats()).depth:
+            assert time.monotonic() < deadline, "the outbox did not drain within 30 s"
+            await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         await cancel(self.tasks[1:])
