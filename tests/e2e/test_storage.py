@@ -19,17 +19,11 @@ from gateway.outbox import read_stats
 from simulators.modbus import ModbusSimulator
 from tests.conftest import MakeMosquitto, Subscribe
 from tests.e2e.conftest import GatewayProcess, RunGateway
+from tests.e2e.test_pipeline import TAGS
 from tests.helpers import Message, Mosquitto, SmallDisk, eventually
 
 MB = 1024 * 1024
 TOPIC = "acme/s/a/l/press-1/"
-TAGS = [
-    {"name": "temperature", "table": "holding", "address": 0, "type": "float32"},
-    {"name": "pressure", "table": "holding", "address": 4, "type": "int16", "scale": 0.1},
-    {"name": "program", "table": "holding", "address": 10, "type": "string", "length": 10},
-    {"name": "strokes", "table": "input", "address": 10, "type": "uint32", "order": "CDAB"},
-    {"name": "running", "table": "coil", "address": 0},
-]
 
 
 @pytest.fixture
