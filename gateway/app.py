@@ -18,7 +18,7 @@ from gateway.collectors.opcua.settings import OpcUaDevice
 from gateway.config import Device, Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import AssetPath, Batch, Entry
-from gateway.outbox import Outbox
+from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.poller import Sink, poll
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.uns import connect_uns
@@ -107,8 +107,10 @@ class _Suspect:
         self.seq = self.strikes = 0
 
 
-async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int) -> None:
-    """Move readings from the outbox to the broker forever: lease, publish, ack.
+async def forward(
+    outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int, output: str = DEFAULT_OUTPUT
+) -> None:
+    """Move readings from the outbox to `output`'s broker forever: lease, publish, ack.
 
     A batch is acked once the broker confirmed every message in it; a lost connection acks
     what was confirmed and releases the rest, which is published again (same `seq`), in
@@ -119,10 +121,10 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
     """
     refusals, suspect = _Refusals(), _Suspect()
     while True:
-        await outbox.wait()
+        await outbox.wait(output)
         await connection.wait_connected()
         # While a reading is suspected, it goes alone: its fate then says something about it.
-        batch = await outbox.lease(1 if suspect.isolating else batch_size)
+        batch = await outbox.lease(output, 1 if suspect.isolating else batch_size)
         if not batch:
             continue
         try:
@@ -130,17 +132,17 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
         except BrokerUnavailable as lost:
             # The connection task reconnects; wait_connected() waits for it.
             if lost.settled:
-                await outbox.ack(Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
+                await outbox.ack(output, Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
                 refusals.log(lost.refused)
             if (poison := suspect.blame(batch, lost)) is not None:
-                await outbox.ack(Batch([poison]), refused=1)
-            await outbox.release(batch)
+                await outbox.ack(output, Batch([poison]), refused=1)
+            await outbox.release(output, batch)
         except MessagesRefused as exc:
-            await outbox.ack(batch, refused=len(exc.refused))
+            await outbox.ack(output, batch, refused=len(exc.refused))
             refusals.log(exc.refused)
             suspect.clear()
         else:
-            await outbox.ack(batch)
+            await outbox.ack(output, batch)
             suspect.clear()
 
 

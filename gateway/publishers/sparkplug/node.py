@@ -46,7 +46,7 @@ from gateway.collectors.opcua.settings import OpcUaDevice
 from gateway.config import MqttSettings, SparkplugSettings
 from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import Batch, Entry, Quality, Reading, Status, Value
-from gateway.outbox import Outbox
+from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
 from gateway.publishers.sparkplug.payload import (
@@ -214,8 +214,10 @@ class SparkplugNode:
         bdseq: BdSeqFile,
         client_id: str,
         type_hints: Mapping[str, TypeHint] | None = None,
+        output: str = DEFAULT_OUTPUT,
     ) -> None:
         self._outbox = outbox
+        self._output = output  # its name in the outbox
         self._hints = dict(type_hints or {})
         self._batch = mqtt.batch
         self._version = mqtt.version
@@ -411,7 +413,7 @@ class SparkplugNode:
         not yet published become history."""
         self._birth_due = False
         generation = self.connection.generation
-        boundary = self._outbox.begin_replay()
+        boundary = self._outbox.begin_replay(self._output)
         self._downs.clear()  # folded into the births: _alive says who is down
         self._current = {device: dict(values) for device, values in self._latest.items()}
         now = _now_ms()
@@ -434,7 +436,7 @@ class SparkplugNode:
             for topic, _ in exc.refused:
                 self._unborn(topic)
             self._warn_once("births refused", "births refused by the broker: %s", exc)
-        if self._outbox.replaying:
+        if self._outbox.replaying(self._output):
             log.info(
                 "births sent (bdSeq %d); replaying readings up to seq %d as historical", self.bdseq, boundary
             )
@@ -444,28 +446,28 @@ class SparkplugNode:
     async def _forward(self) -> bool:
         """One live batch, then (during a replay) one history batch; False when idle."""
         known = len(self._downs)  # events stamped before the lease: the lease covers them
-        live = await self._outbox.lease(self._batch, live=True)
+        live = await self._outbox.lease(self._output, self._batch, live=True)
         if await self._hold(live):
             return True
         messages, done, carried = self._messages(
             live, historical=False, known=known, short=len(live) < self._batch
         )
         await self._deliver(live, messages, done, carried)
-        if not self._outbox.replaying:
+        if not self._outbox.replaying(self._output):
             return bool(live) or bool(messages)
-        history = await self._outbox.lease(self._batch * _HISTORY_BATCHES)
+        history = await self._outbox.lease(self._output, self._batch * _HISTORY_BATCHES)
         if await self._hold(history):
             return True
         messages, done, carried = self._messages(history, historical=True)
         await self._deliver(history, messages, done, carried)
-        if not self._outbox.replaying:
+        if not self._outbox.replaying(self._output):
             log.info("replay of historical readings done")
         return True
 
     async def _hold(self, batch: Batch) -> bool:
         """Put `batch` back when a rebirth or a leave came meanwhile: no data before it."""
         if self._birth_due or self._leave_due:
-            await self._outbox.release(batch)
+            await self._outbox.release(self._output, batch)
             return True
         return False
 
@@ -478,7 +480,7 @@ class SparkplugNode:
         try:
             await self._send(messages)
         except BrokerUnavailable:
-            await self._outbox.release(batch)
+            await self._outbox.release(self._output, batch)
             raise
         except MessagesRefused as exc:
             # Every other message was confirmed (the barrier ran): the readings of a refused
@@ -489,10 +491,10 @@ class SparkplugNode:
                 self._unborn(messages[i][0])
             self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
         if done == len(batch):
-            await self._outbox.ack(batch, refused=refused)
+            await self._outbox.ack(self._output, batch, refused=refused)
             return
-        await self._outbox.ack(Batch(batch.entries[:done]), refused=refused)
-        await self._outbox.release(Batch(batch.entries[done:]))
+        await self._outbox.ack(self._output, Batch(batch.entries[:done]), refused=refused)
+        await self._outbox.release(self._output, Batch(batch.entries[done:]))
 
     async def _send(self, messages: list[Message], *, barrier: bool = True) -> None:
         if not messages:
