@@ -109,6 +109,17 @@ INSERT OR IGNORE INTO meta VALUES ('dropped', 0);
 CREATE TABLE IF NOT EXISTS output (
     name TEXT PRIMARY KEY, position INTEGER NOT NULL, dropped INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+-- The newest reading of each tag as of meta 'latest_seq' (saved at a clean stop; published
+-- rows are deleted, so the reading table alone would forget the values that went out).
+CREATE TABLE IF NOT EXISTS latest (
+    device TEXT NOT NULL, tag TEXT NOT NULL, value TEXT, quality INTEGER NOT NULL,
+    status INTEGER NOT NULL, source_time REAL, read_time REAL NOT NULL, unit TEXT,
+    PRIMARY KEY (device, tag)
+) WITHOUT ROWID;
+-- 'clean' is 1 after a clean stop (close), 0 while a gateway runs: a file found at 0 was not
+-- closed (kill -9, power cut) and is checked at open.
+INSERT OR IGNORE INTO meta VALUES ('clean', 0);
+INSERT OR IGNORE INTO meta VALUES ('latest_seq', 0);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 _INSERT = (
@@ -118,7 +129,16 @@ _INSERT = (
 _COLUMNS = "SELECT seq, device, tag, value, quality, status, source_time, read_time, unit FROM reading"
 _LEASE = f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?"
 _LEASE_UPTO = f"{_COLUMNS} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
-_NEWEST = f"{_COLUMNS} WHERE seq IN (SELECT max(seq) FROM reading GROUP BY device, tag) ORDER BY seq"
+_LATEST_COLUMNS = "device, tag, value, quality, status, source_time, read_time, unit"
+# The newest row of each tag among those after a seq: what the snapshot has not seen.
+_FOLD_LATEST = (
+    f"INSERT OR REPLACE INTO latest SELECT {_LATEST_COLUMNS} FROM reading"
+    " WHERE seq IN (SELECT max(seq) FROM reading WHERE seq > ? GROUP BY device, tag)"
+)
+_SAVE_LATEST = f"INSERT OR REPLACE INTO latest ({_LATEST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_READ_LATEST = f"SELECT 0, {_LATEST_COLUMNS} FROM latest ORDER BY read_time"
+_META = "SELECT value FROM meta WHERE key = ?"
+_SET_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
 _DELETE_UPTO = "DELETE FROM reading WHERE seq > ? AND seq <= ?"
 _NTH_OLDEST = "SELECT max(seq) FROM (SELECT seq FROM reading ORDER BY seq LIMIT ?)"
 _COUNT_BETWEEN = "SELECT count(*) FROM reading WHERE seq > ? AND seq <= ?"
@@ -264,6 +284,8 @@ class Outbox:
         self._losing: dict[str, int] = {}
         self._evicted_upto = 0  # and the last seq it evicted
         self._after_commit: list[Callable[[], None]] = []  # in-memory changes that await its commit
+        # The newest reading of each tag appended since open (saved into `latest` at close).
+        self._newest: dict[tuple[str, str], Reading] = {}
         # File-size estimate between measurements (see _used_bytes).
         self._used = 0
         self._measured_count = 0
@@ -311,6 +333,7 @@ class Outbox:
         try:
             positions = await _sync_outputs(db, path, outputs)
             count, dropped, last_seq, page_size = next(iter(await db.execute_fetchall(_STATE)))
+            await _mark_open(db, path, last_seq or 0)
             state = (count, dropped, last_seq or 0, page_size)
             outbox = cls(
                 db, path, state=state, lock=lock, outputs=positions, max_rows=max_rows,
@@ -339,11 +362,10 @@ class Outbox:
         """
         if not readings:
             return
-        rows: list[_Row] = [
-            (r.device, r.tag, None if r.value is None else _encode(r.value), _QUALITY_CODE[r.quality],
-             r.status, r.source_time, r.read_time, r.unit)
-            for r in readings
-        ]  # fmt: skip
+        newest = self._newest
+        for r in readings:
+            newest[r.device, r.tag] = r
+        rows = _to_rows(readings)
         # Shielded: a caller cancelled mid-commit must not leave the transaction done but the
         # in-memory counters that mirror it stale; close() waits for it through the lock.
         await asyncio.shield(self._append(rows))
@@ -667,14 +689,16 @@ class Outbox:
                 )
 
     async def newest(self) -> list[Reading]:
-        """The newest stored reading of each (device, tag), oldest first: what a publisher that
-        announces current values (Sparkplug births) knows after a restart. Reads every row."""
+        """The newest reading of each (device, tag) the outbox was given, published or not, in
+        this run or before it (kept across a restart): what a publisher that announces current
+        values (Sparkplug births) knows. One row per tag is read, not the backlog."""
         async with self._lock:
             try:
-                rows = await self._db.execute_fetchall(_NEWEST)
+                rows = await self._db.execute_fetchall(_READ_LATEST)
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read: {exc}") from exc
-        return [entry.reading for entry in _entries(rows)]
+        saved = {(e.reading.device, e.reading.tag): e.reading for e in _entries(rows)}
+        return list({**saved, **self._newest}.values())
 
     async def wait(self, output: str) -> None:
         """Return when `output` may have unleased rows (at once if it has)."""
@@ -803,6 +827,10 @@ class Outbox:
                 return
             if self._full_since is not None:
                 self._end_episode()
+            # The newest values and the clean mark: with them the next open skips the check of
+            # the whole file. Not saved (a full disk), the next open checks it and rebuilds them.
+            with contextlib.suppress(_DiskFull, OutboxError):
+                await self._write("save the newest values", self._save_newest)
             if self._unsaved_dropped:
                 with contextlib.suppress(_DiskFull, OutboxError):
                     await self._write("save the drop count", _nothing)
@@ -880,6 +908,20 @@ class Outbox:
             self._full_dropped, self._policy, iso_millis(self._full_since),
         )  # fmt: skip
         self._full_since, self._full_dropped = None, 0
+
+    async def _save_newest(self, retry: bool) -> None:
+        await self._db.executemany(_SAVE_LATEST, _to_rows(self._newest.values()))
+        await self._db.execute(_SET_META, ("latest_seq", self._last_seq))
+        await self._db.execute(_SET_META, ("clean", 1))
+
+
+def _to_rows(readings: Iterable[Reading]) -> list[_Row]:
+    """Readings as rows of the reading table (one comprehension: it runs for every reading)."""
+    return [
+        (r.device, r.tag, None if r.value is None else _encode(r.value), _QUALITY_CODE[r.quality],
+         r.status, r.source_time, r.read_time, r.unit)
+        for r in readings
+    ]  # fmt: skip
 
 
 async def _nothing(retry: bool) -> None:
@@ -960,6 +1002,29 @@ async def _connect_when_there_is_room(path: Path, clock: Callable[[], float]) ->
         if backoff.attempts:
             log.info("outbox %s opened: the disk has room again", path)
         return db
+
+
+async def _meta(db: aiosqlite.Connection, key: str) -> int | None:
+    rows = list(await db.execute_fetchall(_META, (key,)))
+    return int(rows[0][0]) if rows else None
+
+
+async def _mark_open(db: aiosqlite.Connection, path: Path, last_seq: int) -> None:
+    """Note in the file that a gateway has it open (see 'clean'); after a stop that was not
+    clean, first bring the newest-value snapshot up to date from the rows left."""
+    try:
+        if await _meta(db, "clean") != 1:
+            await db.execute(_FOLD_LATEST, (await _meta(db, "latest_seq") or 0,))
+            await db.execute(_SET_META, ("latest_seq", last_seq))
+        await db.execute(_SET_META, ("clean", 0))
+        await db.commit()
+    except sqlite3.Error as exc:
+        await db.rollback()
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+            raise
+        # On a full disk the gateway still starts; if it is then killed, the flag may still say
+        # clean and the next start skip its quick_check (SQLite still reports damage it meets).
+        log.debug("outbox %s: cannot mark the file open: %s", path, exc)
 
 
 async def _sync_outputs(
@@ -1096,14 +1161,16 @@ async def _prepare(path: Path) -> aiosqlite.Connection:
     sqlite3.connect(path).close()
     db = await aiosqlite.connect(path)
     try:
-        # quick_check reads every page, O(file size): 0.2 s for a million rows (49 MB, warm
-        # cache), more from a cold SD card; paid once at start, it catches a damaged file here.
-        (check,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
-        if check != "ok":
-            raise _Corrupt(f"quick_check: {check}")
         (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
         if version > SCHEMA_VERSION:
             raise OutboxError(f"outbox {path}: schema version {version} is newer than this gateway's")
+        # quick_check reads every page, O(file size): 0.2 s for a million rows (49 MB, warm
+        # cache), seconds from a cold SD card. Only a file that was not closed cleanly (a kill,
+        # a power cut, a crash) can be damaged by how it was left, so only such a file is checked.
+        if version > 0 and not (version >= 2 and await _meta(db, "clean") == 1):
+            (check,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
+            if check != "ok":
+                raise _Corrupt(f"quick_check: {check}")
         await db.execute("PRAGMA journal_mode = WAL")
         # synchronous=NORMAL in WAL mode: a commit is in the OS page cache when append returns,
         # so it survives a process crash or kill -9; only an OS crash or power cut can lose the

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -341,6 +343,13 @@ def smash_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def smash_newest_pages(path: Path) -> None:
+    """Overwrite the pages of the newest rows, which opening the file does not read."""
+    data = bytearray(path.read_bytes())
+    data[-4096 * 3 : -4096] = b"\xff" * 8192
+    path.write_bytes(bytes(data))
+
+
 def files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -574,3 +583,77 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def meta(path: Path, key: str) -> int:
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        (value,) = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(value)
+
+
+async def test_the_file_says_whether_it_was_closed_cleanly(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings([1, 2]))
+    assert meta(path, "clean") == 0  # open: a kill now leaves it at 0, and the next open checks the file
+    await box.close()
+    assert meta(path, "clean") == 1
+    box = await Outbox.open(path)
+    try:
+        assert meta(path, "clean") == 0
+    finally:
+        await box.close()
+
+
+async def test_a_killed_gateways_damaged_file_is_found_at_the_next_open(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    while int(await asyncio.wait_for(proc.stdout.readline(), timeout=30) or 0) < 5000:
+        pass
+    proc.send_signal(signal.SIGKILL)
+    await proc.communicate()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # fold the WAL in, so the pages hold it all
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    smash_newest_pages(path)
+    box = await Outbox.open(path, clock=lambda: 1_700_000_000.0)
+    try:
+        assert (await box.stats()).depth == 0  # checked, found damaged, moved aside
+    finally:
+        await box.close()
+    assert path.with_name("outbox.db.corrupt-20231114T221320Z").exists()
+
+
+async def test_newest_values_outlive_their_publication_and_a_restart(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings([1, 2]))
+    await box.append(readings([3]))  # t0 again: newer
+    await box.ack(OUT, await box.lease(OUT, 10))  # published: the rows are deleted
+    await box.close()
+    box = await Outbox.open(path)
+    try:
+        assert (await box.stats()).depth == 0
+        assert {(r.tag, r.value) for r in await box.newest()} == {("t0", 3), ("t1", 2)}
+        await box.append(readings([4]))
+        assert {(r.tag, r.value) for r in await box.newest()} == {("t0", 4), ("t1", 2)}
+    finally:
+        await box.close()
+
+
+async def test_newest_values_after_a_kill_come_from_the_rows_left(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    committed = 0
+    while committed < 500:
+        committed = int(await asyncio.wait_for(proc.stdout.readline(), timeout=30) or 0)
+    proc.send_signal(signal.SIGKILL)
+    await proc.communicate()
+    box = await Outbox.open(path)
+    try:
+        (newest,) = await box.newest()
+        last = await box.lease(OUT, 1_000_000)
+        assert (newest.device, newest.tag, newest.value) == ("d", "t", last.entries[-1].reading.value)
+    finally:
+        await box.close()
