@@ -7,13 +7,13 @@ import argparse
 import random
 import sys
 
-from bench import scenarios, soak
+from bench import scenarios, soak, startup
 from bench.harness import bench, save
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "soak", "all"])
+    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "all"])
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rate", type=float, default=5000, help="scale: readings/s to aim for (default 5000)")
     p.add_argument("--hold", type=float, default=120, help="scale: seconds each size runs (default 120)")
+    p.add_argument(
+        "--rows", type=int, default=2_000_000, help="startup: readings in the outbox (default 2,000,000)"
+    )
     p.add_argument("--minutes", type=float, default=60, help="soak: how long (default 60)")
     p.add_argument("--seed", type=int, default=None, help="soak: seed of the fault schedule (default random)")
     p.add_argument(
@@ -89,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             with bench(args.keep) as b:
                 sizes.append(scenarios.scale(b, size=size, rate=args.rate, fmt=args.format, hold=args.hold))
         print("saved", save(f"scale{suffix}", {"sizes": sizes}))
+    if args.scenario in ("startup", "all"):
+        with bench(args.keep) as b:
+            result = startup.startup(b, rows=args.rows, fmt=args.format)
+        print("saved", save(f"startup{suffix}", result))
     if args.scenario == "soak":
         return _soak(p, args, suffix)
     return 0
