@@ -5,43 +5,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from gateway.backoff import Backoff
 from gateway.collectors import Collector
-from gateway.collectors.modbus.collector import ModbusCollector
-from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.collectors.opcua.settings import OpcUaDevice
-from gateway.config import Device, Settings
+from gateway.collectors.registry import Device, protocol
+from gateway.config import Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import AssetPath, Batch, Entry
+from gateway.model import Batch, Entry
 from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.poller import Sink, poll
+from gateway.publishers import uns
+from gateway.publishers.formats import OutputContext
 from gateway.publishers.mqtt import MqttConnection
-from gateway.publishers.uns import connect_uns
 from gateway.settings_types import RECONNECT_START
 
-if TYPE_CHECKING:
-    from gateway.collectors.opcua.collector import OpcUaCollector
-    from gateway.publishers.sparkplug.node import SparkplugNode, TypeHint
-
 # The OPC UA collector and the Sparkplug node are imported only by the configurations that
-# use them: asyncua alone adds 27 MB of RSS, protobuf 5 MB, which a Modbus gateway that
-# publishes UNS need not carry.
+# use them (see ProtocolEntry and FORMATS): asyncua alone adds 27 MB of RSS, protobuf 5 MB,
+# which a Modbus gateway that publishes UNS need not carry.
 
 log = logging.getLogger(__name__)
 
 
-def make_collector(device: ModbusDevice | OpcUaDevice, pki_dir: Path) -> Collector:
-    """The collector for one configured device (dispatch on its protocol)."""
-    if isinstance(device, OpcUaDevice):
-        from gateway.collectors.opcua.collector import OpcUaCollector
-
-        return OpcUaCollector(device, pki_dir)
-    return ModbusCollector(device)
+def make_collector(device: Device, pki_dir: Path) -> Collector:
+    """The collector for one configured device (its protocol's factory)."""
+    return protocol(device).collector(device, pki_dir)
 
 
 # A broker that drops the connection this many times in a row on the same reading is taken
@@ -237,43 +228,15 @@ class _Output:
 
 
 def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collector]]) -> _Output:
+    context = OutputContext(s, s.mqtt, outbox, collectors)
     if s.mqtt.sparkplug is not None:
-        hints = {
-            c.name: cast("OpcUaCollector", c).value_type for d, c in collectors if isinstance(d, OpcUaDevice)
-        }
-        node = sparkplug_node(s, outbox, hints)
+        from gateway.publishers.sparkplug.node import build
+
+        node = build(context)
         return _Output(node.connection, node.run(), node.close, node.append, node.device_down)
-    described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
-        device.name: (s.asset(device), collector.describe()) for device, collector in collectors
-    }
-    connection, publisher = connect_uns(s.mqtt, s.gateway, described)
-    fwd = forward(outbox, publisher, connection, s.mqtt.batch)
-    return _Output(connection, fwd, publisher.close, outbox.append, None)
-
-
-def sparkplug_node(
-    settings: Settings, outbox: Outbox, type_hints: Mapping[str, TypeHint] | None = None
-) -> SparkplugNode:
-    """The Sparkplug B edge node of this configuration; its bdSeq is kept beside the outbox."""
-    from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode, metric_types
-
-    s = settings
-    assert s.mqtt.sparkplug is not None
-    return SparkplugNode(
-        s.mqtt,
-        s.mqtt.sparkplug,
-        outbox,
-        edge_node_id=s.edge_node_id,
-        devices={device.name: metric_types(device) for device in s.devices},
-        bdseq=BdSeqFile(bdseq_path(s)),
-        client_id=s.mqtt.client_id or f"millwright-{s.gateway.id}",
-        type_hints=type_hints,
-    )
-
-
-def bdseq_path(settings: Settings) -> Path:
-    path = settings.outbox.path
-    return path.with_name(f"{path.name}.bdseq")
+    publisher = uns.build(context)
+    fwd = forward(outbox, publisher, publisher.connection, s.mqtt.batch)
+    return _Output(publisher.connection, fwd, publisher.close, outbox.append, None)
 
 
 async def run(settings: Settings) -> None:

@@ -1,7 +1,8 @@
 """The config file: pydantic models, `${ENV}` substitution and errors that name the key path.
 
-Each protocol's device model lives beside its collector; this module composes them into
-one `Settings` with a discriminated union on `protocol:`.
+Each protocol's device model lives beside its collector; this module composes the models of
+the protocol registry (gateway.collectors.registry) into one `Settings`, with a
+discriminated union on `protocol:`, and takes the output format names from FORMATS.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeAlias
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gateway import tls, yamlload
-from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
+from gateway.collectors import DeviceSettings
+from gateway.collectors.registry import PROTOCOLS, Device
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
+from gateway.publishers.formats import FORMATS
 from gateway.settings_types import (
     INT_FROM_ENV,
+    SECRET_FILE,
     Bool,
     Duration,
     EnvText,
@@ -33,12 +36,18 @@ from gateway.settings_types import (
     Segment,
     check_unique,
     check_url,
+    home,
     read_secret,
+    resolve_file,
     shown,
 )
 
-Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
-DEVICE_PROTOCOLS = ("modbus", "opcua")
+DEVICE_PROTOCOLS = tuple(PROTOCOLS)
+
+if TYPE_CHECKING:  # (a type checker cannot follow the Literal built below)
+    Format: TypeAlias = str
+else:
+    Format = Literal[tuple(FORMATS)]
 
 
 class GatewaySettings(Model):
@@ -95,7 +104,7 @@ class MqttSettings(Model):
     url: str = Field(
         description="mqtt://host:port, or mqtts://host:port for TLS (default ports 1883 / 8883)."
     )
-    format: Literal["uns", "sparkplug"] = Field(
+    format: Format = Field(
         default="uns",
         description="uns: one JSON message per tag on an ISA-95 topic; sparkplug: a Sparkplug B "
         "edge node (settings under sparkplug:).",
@@ -207,7 +216,7 @@ class Settings(Model):
     def pki_dir(self) -> Path:
         return self.gateway.pki_dir or self.outbox.path.parent / "pki"
 
-    def asset(self, device: ModbusDevice | OpcUaDevice) -> AssetPath:
+    def asset(self, device: DeviceSettings) -> AssetPath:
         g, o = self.gateway, device.asset
         return AssetPath(
             o.enterprise or g.enterprise, o.site or g.site, o.area or g.area, o.line or g.line, device.name
@@ -328,7 +337,7 @@ _FILES = {
     "ca": "the CA certificate file (PEM)",
     "cert": "the client certificate file (PEM)",
     "key": "the client private key file (PEM)",
-    "password_file": "the file whose first line is the password",
+    "password_file": SECRET_FILE,
 }
 
 
@@ -343,7 +352,9 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
     for key, what in _FILES.items():
         value = getattr(settings.mqtt, key)
         if value is not None:
-            found[key] = _file(base, value, f"mqtt.{key}", what, problems, secret=key == "password_file")
+            found[key] = resolve_file(
+                base, value, f"mqtt.{key}", what, problems, secret=key == "password_file"
+            )
     mqtt = settings.mqtt.model_copy(update=found)
     missing = any(p.startswith(("mqtt.ca:", "mqtt.cert:", "mqtt.key:")) for p in problems)
     if mqtt.tls and (mqtt.ca or mqtt.cert) and not missing:
@@ -351,7 +362,9 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
             tls.client_context(mqtt, file)
         except ConfigError as exc:
             problems += exc.problems
-    devices = [_resolve_device(d, i, base, problems) for i, d in enumerate(settings.devices)]
+    devices = [
+        PROTOCOLS[d.protocol].resolve_files(d, i, base, problems) for i, d in enumerate(settings.devices)
+    ]
     if problems:
         raise ConfigError(file, problems)
     gateway = settings.gateway
@@ -365,7 +378,7 @@ def _resolve_files(settings: Settings, file: str) -> Settings:
 def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
     """The outbox file relative to the config file; a problem noted if it cannot be one (the
     gateway creates the file and its missing folders, so neither need exist yet)."""
-    path = base / _home(value)
+    path = base / home(value)
     if path.is_dir():
         problems.append(
             f"outbox.path: {shown(path)} is a directory; give the database file, "
@@ -376,84 +389,6 @@ def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
         if folder is not None and not folder.is_dir():
             problems.append(f"outbox.path: {shown(path)}: {shown(folder)} is a file, not a directory")
     return path
-
-
-def _file(base: Path, value: Path, where: str, what: str, problems: list[str], *, secret: bool) -> Path:
-    """`value` relative to the config file's folder; a problem noted if it is missing, a
-    directory, or (for a secret) unreadable or empty."""
-    path = base / _home(value)
-    if path.is_dir():
-        problems.append(f"{where}: {shown(path)} is a directory; give {what}")
-    elif not path.is_file():
-        problems.append(f"{where}: no such file: {shown(path)}")
-    elif secret:
-        try:
-            if not path.read_text(encoding="utf-8").strip():
-                problems.append(f"{where}: the file is empty: {shown(path)}")
-        except OSError as exc:
-            problems.append(f"{where}: cannot read {shown(path)}: {exc.strerror or exc}")
-        except UnicodeDecodeError:
-            problems.append(f"{where}: {shown(path)} is not UTF-8 text")
-    return path
-
-
-def _home(path: Path) -> Path:
-    """`~` and `~user` expanded; left as written when there is no such home."""
-    try:
-        return path.expanduser()
-    except RuntimeError:  # ~nobody-here/x: the "no such file" that follows says enough
-        return path
-
-
-def _resolve_device(
-    device: ModbusDevice | OpcUaDevice, index: int, base: Path, problems: list[str]
-) -> ModbusDevice | OpcUaDevice:
-    """OPC UA files (password, trusted server certificate) relative to the config file."""
-    if not isinstance(device, OpcUaDevice):
-        return device
-    security = device.security
-    update: dict[str, Any] = {}
-    if security.password_file is not None:
-        where = f"devices[{index}].security.password_file"
-        what = _FILES["password_file"]
-        update["password_file"] = _file(base, security.password_file, where, what, problems, secret=True)
-    trusted = security.server_certificate
-    if trusted is not None and as_fingerprint(trusted) is None:
-        path = base / _home(Path(trusted))
-        problem = _server_certificate_problem(trusted, path)
-        if problem is not None:
-            problems.append(f"devices[{index}].security.server_certificate: {problem}")
-        update["server_certificate"] = str(path)
-    if not update:
-        return device
-    return device.model_copy(update={"security": security.model_copy(update=update)})
-
-
-def _server_certificate_problem(setting: str, path: Path) -> str | None:
-    """What is wrong with a server_certificate that is not a fingerprint, or None."""
-    if path.is_dir():
-        return None  # a trust directory may still be empty: `browse` and the log say what to copy in
-    if path.is_file():
-        # Imported here: it brings asyncua (0.7 s), which only such a config needs.
-        from gateway.collectors.opcua.security import certificate_fingerprints
-
-        try:
-            certificate_fingerprints(path)
-        except OSError as exc:
-            return f"cannot read {shown(path)}: {exc.strerror or exc}"
-        except ValueError:
-            return f"{shown(path)} is not a certificate (DER or PEM)"
-        return None
-    digits = setting.replace(":", "").replace(" ", "")
-    if digits and all(c in "0123456789abcdefABCDEF" for c in digits):
-        return (
-            f"{setting!r} looks like a SHA-256 fingerprint, with {len(digits)} hex digits where 64 "
-            "are needed (and no file or directory has that name)"
-        )
-    return (
-        f"no such file or directory: {shown(path)}; give the server certificate's SHA-256 fingerprint "
-        "(64 hex digits), its certificate file (DER or PEM), or a directory of trusted certificates"
-    )
 
 
 def _describe(err: Any) -> str:

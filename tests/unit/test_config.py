@@ -184,7 +184,7 @@ def test_numbers_and_switches_may_come_from_the_environment() -> None:
     device = settings.devices[0]
     assert (device.port, settings.mqtt.keepalive, settings.outbox.max_bytes) == (5021, 45, 2_000_000)
     assert (settings.mqtt.username, settings.mqtt.password) == ("1234", "1234")
-    assert isinstance(device, config.ModbusDevice)
+    assert isinstance(device, ModbusDevice)
     assert (device.tags[0].scale, device.max_gap) == (0.5, 3)
     insecure = _edit({"mqtt.url": "mqtts://127.0.0.1", "mqtt.tls_insecure": "${INSECURE}"})
     assert config.parse(insecure, "plant.yaml", env={"INSECURE": "True"}).mqtt.tls_insecure is True

@@ -41,12 +41,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.collectors.opcua.settings import OpcUaDevice
-from gateway.config import MqttSettings, SparkplugSettings
+from gateway.collectors import DatatypeSource, DeviceSettings
+from gateway.collectors.registry import protocol
+from gateway.config import MqttSettings, Settings, SparkplugSettings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import Batch, Entry, Quality, Reading, Status, Value
+from gateway.model import Batch, Datatype, Entry, Quality, Reading, Status, Value
 from gateway.outbox import DEFAULT_OUTPUT, Outbox
+from gateway.publishers.formats import OutputContext
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
 from gateway.publishers.sparkplug.payload import (
@@ -74,26 +75,19 @@ _HISTORY_BATCHES = 4
 _DDATA_BYTES = 256 * 1024
 BDSEQ = "bdSeq"
 
-_MODBUS_TYPES = {
-    "bool": DataType.BOOLEAN, "int16": DataType.INT16, "uint16": DataType.UINT16,
-    "int32": DataType.INT32, "uint32": DataType.UINT32, "int64": DataType.INT64,
-    "uint64": DataType.UINT64, "float32": DataType.FLOAT, "float64": DataType.DOUBLE,
-    "string": DataType.STRING,
+# The Sparkplug datatype of each neutral one (gateway.model.Datatype), whatever the protocol.
+# A value with no datatype known (an OPC UA array) is typed from the value itself: an array
+# travels as String (its JSON text).
+_DATATYPES: dict[Datatype, DataType] = {
+    "bool": DataType.BOOLEAN, "int8": DataType.INT8, "uint8": DataType.UINT8,
+    "int16": DataType.INT16, "uint16": DataType.UINT16, "int32": DataType.INT32,
+    "uint32": DataType.UINT32, "int64": DataType.INT64, "uint64": DataType.UINT64,
+    "float32": DataType.FLOAT, "float64": DataType.DOUBLE, "string": DataType.STRING,
+    "datetime": DataType.DATETIME, "bytes": DataType.BYTES,
 }  # fmt: skip
 
-
-# OPC UA built-in types with a Sparkplug datatype of their own. Arrays travel as String (their
-# JSON text); types the collector has no JSON form for arrive as null anyway.
-_OPCUA_TYPES = {
-    "Boolean": DataType.BOOLEAN, "SByte": DataType.INT8, "Byte": DataType.UINT8,
-    "Int16": DataType.INT16, "UInt16": DataType.UINT16, "Int32": DataType.INT32,
-    "UInt32": DataType.UINT32, "Int64": DataType.INT64, "UInt64": DataType.UINT64,
-    "Float": DataType.FLOAT, "Double": DataType.DOUBLE, "String": DataType.STRING,
-    "DateTime": DataType.DATETIME, "ByteString": DataType.BYTES,
-}  # fmt: skip
-
-TypeHint = Callable[[str], str | None]
-"""tag -> the OPC UA built-in type of its last value (OpcUaCollector.value_type)."""
+TypeHint = Callable[[str], Datatype | None]
+"""tag -> the datatype of its last value, as its collector learned it (DatatypeSource)."""
 
 
 @dataclass(slots=True)
@@ -108,16 +102,36 @@ class MetricSpec:
     born: DataType | None = None  # the datatype announced by the device's last DBIRTH
 
 
-def metric_types(device: ModbusDevice | OpcUaDevice) -> list[tuple[str, DataType | None, str | None]]:
-    """(tag, datatype, unit) of each tag of a configured device. A scaled Modbus register is a
-    Double; an OPC UA tag's datatype is not known before the server sends a value."""
-    if isinstance(device, OpcUaDevice):
-        return [(t.name, None, t.unit) for t in device.tags]
-    specs: list[tuple[str, DataType | None, str | None]] = []
-    for t in device.tags:
-        scaled = t.scale != 1.0 or t.offset != 0.0
-        specs.append((t.name, DataType.DOUBLE if scaled else _MODBUS_TYPES[t.datatype], t.unit))
-    return specs
+def metric_types(device: DeviceSettings) -> list[tuple[str, DataType | None, str | None]]:
+    """(tag, datatype, unit) of each tag of a configured device, as its protocol knows them
+    from the config (None: learned from the values)."""
+    return [
+        (tag, None if datatype is None else _DATATYPES[datatype], unit)
+        for tag, datatype, unit in protocol(device).metric_types(device)
+    ]
+
+
+def build(context: OutputContext) -> SparkplugNode:
+    """The Sparkplug B edge node of one output (FORMATS["sparkplug"]); its bdSeq is kept
+    beside the outbox."""
+    s, mqtt = context.settings, context.output
+    assert mqtt.sparkplug is not None  # (the config requires it with format: sparkplug)
+    hints = {c.name: c.datatype for _, c in context.collectors if isinstance(c, DatatypeSource)}
+    return SparkplugNode(
+        mqtt,
+        mqtt.sparkplug,
+        context.outbox,
+        edge_node_id=s.edge_node_id,
+        devices={device.name: metric_types(device) for device in s.devices},
+        bdseq=BdSeqFile(bdseq_path(s)),
+        client_id=mqtt.client_id or f"millwright-{s.gateway.id}",
+        type_hints=hints,
+    )
+
+
+def bdseq_path(settings: Settings) -> Path:
+    path = settings.outbox.path
+    return path.with_name(f"{path.name}.bdseq")
 
 
 class BdSeqFile:
@@ -610,10 +624,11 @@ class SparkplugNode:
         return spec.datatype is not None and spec.born != spec.datatype
 
     def _infer(self, spec: MetricSpec, device: str, value: Value) -> None:
-        """Type a metric the config does not type: from the OPC UA type of its value where the
-        collector knows it and Sparkplug has a datatype for it, else from the value itself."""
+        """Type a metric the config does not type: from the datatype of its value where the
+        collector knows it, else from the value itself."""
         hint = self._hints.get(device)
-        datatype = _OPCUA_TYPES.get(hint(spec.name) or "") if hint is not None else None
+        learned = hint(spec.name) if hint is not None else None
+        datatype = None if learned is None else _DATATYPES[learned]
         if datatype is not None and fits(datatype, value):
             spec.datatype, spec.sure = datatype, True
         elif spec.datatype is None or not fits(spec.datatype, value):
