@@ -74,6 +74,9 @@ _HISTORY_BATCHES = 4
 # strings in a handful of messages.
 _DDATA_BYTES = 256 * 1024
 BDSEQ = "bdSeq"
+# At least this many device down events wait for the live lane (16 per configured device).
+_MIN_DOWNS = 1024
+_MAX_WARNINGS = 1000
 
 # The Sparkplug datatype of each neutral one (gateway.model.Datatype), whatever the protocol.
 # A value with no datatype known (an OPC UA array) is typed from the value itself: an array
@@ -257,7 +260,10 @@ class SparkplugNode:
         # metric, which devices are up, and the down events not yet published.
         self._latest: dict[str, dict[str, Reading]] = {}
         self._alive: dict[str, bool] = {}
-        self._downs: deque[tuple[int, str]] = deque()
+        # Bounded: the events pile up only while no live batch goes out (a long replay, a
+        # host that stays offline), and a flapping device would add one per flap. When full the
+        # oldest go: no DDEATH for those outages (their Bad readings still go out as data).
+        self._downs: deque[tuple[int, str]] = deque(maxlen=max(_MIN_DOWNS, 16 * len(self._metrics)))
         # What the host has been told in this session (in publish order).
         self._current: dict[str, dict[str, Reading]] = {}
         self._born: set[str] = set()
@@ -283,21 +289,37 @@ class SparkplugNode:
     # -- the pollers' side -------------------------------------------------------------
 
     async def append(self, readings: list[Reading]) -> None:
-        """The pollers' sink: note the newest values, then commit them to the outbox.
+        """A sink for the pollers when this node is the only output: `note`, commit, `appended`."""
+        self.note(readings)
+        await self._outbox.append(readings)
+        self.appended()
 
-        Noted first: a birth while the commit is under way then announces these values
-        (and publishes them again as live DDATA), rather than older values while these
+    def note(self, readings: list[Reading]) -> None:
+        """Note the newest values of readings about to be committed to the outbox.
+
+        Noted before the commit: a birth while the commit is under way then announces these
+        values (and publishes them again as live DDATA), rather than older values while these
         go out as history."""
         latest, alive = self._latest, self._alive
         for r in readings:
             latest.setdefault(r.device, {})[r.tag] = r
             alive[r.device] = True
-        await self._outbox.append(readings)
+
+    def appended(self) -> None:
+        """Readings were committed: wake the publishing task."""
         self._wake.set()
+
+    @property
+    def pending_deaths(self) -> int:
+        """Device outages not yet told to the host (DDEATHs that wait for the live lane)."""
+        return len(self._downs)
 
     def device_down(self, device: str) -> None:
         """The poller's report that `device` stopped answering (after its Bad readings)."""
         self._alive[device] = False
+        if len(self._downs) == self._downs.maxlen:
+            self._warn_once("downs", "%d device outages wait for the host: the oldest are forgotten (no "
+                            "DDEATH for them; their Bad readings are still published)", len(self._downs))  # fmt: skip
         self._downs.append((self._outbox.last_seq, device))
         self._wake.set()
 
@@ -722,6 +744,7 @@ class SparkplugNode:
         )
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
-        if key not in self._warned:
+        # (keys name kinds, and the devices the outbox holds: a few; bounded all the same)
+        if key not in self._warned and len(self._warned) < _MAX_WARNINGS:
             self._warned.add(key)
             log.warning(msg, *args)
