@@ -318,8 +318,8 @@ class SparkplugNode:
         """The poller's report that `device` stopped answering (after its Bad readings)."""
         self._alive[device] = False
         if len(self._downs) == self._downs.maxlen:
-            self._warn_once("downs", "%d device outages wait for the host: the oldest are forgotten (no "
-                            "DDEATH for them; their Bad readings are still published)", len(self._downs))  # fmt: skip
+            what = "%d device outages wait for the host: the oldest are forgotten (no DDEATH for them; "
+            self._warn_once("downs", what + "their Bad readings are still published)", len(self._downs))
         self._downs.append((self._outbox.last_seq, device))
         self._wake.set()
 
