@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from gateway.errors import ConfigError
 from gateway.settings_types import shown
 
-if TYPE_CHECKING:  # gateway.config imports this module
-    from gateway.config import MqttSettings
+if TYPE_CHECKING:  # (the annotation only)
+    from gateway.publishers.settings import MqttSettings
 
 # OpenSSL reasons for a certificate and a private key that do not belong together (the
 # second: an RSA key beside an EC certificate).
