@@ -1,8 +1,9 @@
 """The config file: pydantic models, `${ENV}` substitution and errors that name the key path.
 
 Each protocol's device model lives beside its collector, each output's settings beside the
-publishers (gateway.publishers.settings); this module composes them into one `Settings`,
-the devices with a discriminated union on `protocol:` (gateway.collectors.registry).
+publishers; this module composes them: the devices with a discriminated union on
+`protocol:` (the protocol registry, gateway.collectors.registry), the outputs from `outputs:`
+or its shorthand `mqtt:`. `ConfigFile` is the file as written, `Settings` what load makes of it.
 """
 
 from __future__ import annotations
@@ -11,24 +12,26 @@ import json
 import os
 import re
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import Field, Strict, ValidationError, model_validator
+from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
 
 from gateway import tls, yamlload
 from gateway.collectors import DeviceSettings
 from gateway.collectors.registry import PROTOCOLS, Device
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
-from gateway.publishers.settings import MqttSettings, SparkplugSettings
+from gateway.publishers.settings import MqttSettings, OutputSettings, SparkplugSettings
 from gateway.settings_types import (
     INT_FROM_ENV,
     SECRET_FILE,
     EnvText,
     Int,
     Model,
+    ProblemAt,
     Segment,
     check_unique,
     home,
@@ -36,12 +39,13 @@ from gateway.settings_types import (
     shown,
 )
 
-__all__ = [  # the output models are re-exported: their old home
-    "GatewaySettings", "MqttSettings", "OutboxSettings", "Settings", "SparkplugSettings", "load", "parse",
-    "schema",
+__all__ = [  # the output models are re-exported: the config's public API, and their old home
+    "ConfigFile", "GatewaySettings", "MqttSettings", "OutboxSettings", "OutputSettings", "Settings",
+    "SparkplugSettings", "load", "parse", "schema",
 ]  # fmt: skip
 
 DEVICE_PROTOCOLS = tuple(PROTOCOLS)
+SHORTHAND = "mqtt"  # the name of the one output that `mqtt:` gives
 
 
 class GatewaySettings(Model):
@@ -75,16 +79,58 @@ class OutboxSettings(Model):
     )
 
 
-class Settings(Model):
+def _one_output_form(schema: dict[str, Any]) -> None:
+    """The schema says what `_shorthand` does: mqtt: or outputs:, exactly one of them."""
+    schema["required"].remove("outputs")
+    schema["oneOf"] = [{"required": ["mqtt"]}, {"required": ["outputs"]}]
+
+
+class ConfigFile(Model):
+    """The config file as written: what `millwright schema` describes and load validates."""
+
+    model_config = ConfigDict(json_schema_extra=_one_output_form)
+
     gateway: GatewaySettings
     outbox: OutboxSettings
-    mqtt: MqttSettings
+    mqtt: MqttSettings | None = Field(
+        default=None,
+        description=f"A single output: the shorthand for outputs: with one entry, named {SHORTHAND}.",
+    )
+    # Required unless mqtt: is given (see _shorthand).
+    outputs: Annotated[list[OutputSettings], Field(min_length=1)] | None = Field(
+        description="Where the readings go: each output is a broker and the format published to it, "
+        "and keeps its own place in the outbox. Or mqtt:, for a single output."
+    )
     devices: list[Device] = Field(min_length=1, description="Devices to collect from.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # outputs: is a required key that mqtt: stands in for: a file with neither is then
+        # told so as a missing key, together with its other problems.
+        if isinstance(data, dict) and "mqtt" in data and "outputs" not in data:
+            return {**data, "outputs": None}
+        return data
+
     @model_validator(mode="after")
-    def _unique_devices(self) -> Self:
+    def _consistent(self) -> Self:
+        if self.mqtt is not None and self.outputs is not None:
+            raise ProblemAt(
+                ("mqtt",),
+                "give mqtt: (a single output) or outputs: (a list), not both: move it into outputs:, "
+                "with a name",
+            )
+        if self.mqtt is None and self.outputs is None:  # `mqtt:` or `outputs:` with no value
+            if "mqtt" in self.model_fields_set:
+                raise ProblemAt(("mqtt",), "expected a mapping (key: value), not null (an empty value)")
+            raise ProblemAt(
+                ("outputs",),
+                "expected a list of outputs, not null (an empty value); or mqtt: for a single output",
+            )
+        outputs = list(self.resolved_outputs())
+        _check_outputs(outputs)
         check_unique((d.name for d in self.devices), "device")
-        if self.mqtt.format == "sparkplug":
+        if any(o.format == "sparkplug" for _, o in outputs):
             # Sparkplug ids and metric names should not differ only in case: some hosts
             # fold case, and two devices (or tags) would then become one.
             check_unique((d.name.lower() for d in self.devices), "device (ignoring case)")
@@ -92,10 +138,79 @@ class Settings(Model):
                 check_unique((t.name.lower() for t in device.tags), f"{device.name}: tag (ignoring case)")
         return self
 
-    @property
-    def edge_node_id(self) -> str:
-        sparkplug = self.mqtt.sparkplug
-        return (sparkplug.edge_node_id if sparkplug else None) or self.gateway.id
+    def resolved_outputs(self) -> Iterator[tuple[tuple[str | int, ...], OutputSettings]]:
+        """Each output with its key path (`mqtt` for the shorthand, `outputs[i]`), with the
+        defaults that depend on the rest of the file filled in: the client id and a Sparkplug
+        output's edge node id (the gateway id)."""
+        gateway = self.gateway.id
+        if self.outputs is None:
+            assert self.mqtt is not None  # (see _consistent)
+            # The shorthand keeps the client id it always had: a broker that allows (an ACL)
+            # or remembers (a persistent session) the client by it sees no change.
+            yield (
+                ("mqtt",),
+                _defaults(
+                    OutputSettings(name=SHORTHAND, **dict(self.mqtt)), f"millwright-{gateway}", gateway
+                ),
+            )
+            return
+        for i, output in enumerate(self.outputs):
+            # One client id per output: two outputs to the same broker must not share one
+            # (the broker would disconnect each when the other connects), and naming each
+            # output is enough to keep them apart.
+            yield ("outputs", i), _defaults(output, f"millwright-{gateway}-{output.name}", gateway)
+
+
+def _defaults(output: OutputSettings, client_id: str, edge_node_id: str) -> OutputSettings:
+    update: dict[str, Any] = {}
+    if output.client_id is None:
+        update["client_id"] = client_id
+    if output.sparkplug is not None and output.sparkplug.edge_node_id is None:
+        update["sparkplug"] = output.sparkplug.model_copy(update={"edge_node_id": edge_node_id})
+    return output.model_copy(update=update) if update else output
+
+
+def _check_outputs(outputs: list[tuple[tuple[str | int, ...], OutputSettings]]) -> None:
+    """Raise ProblemAt for the first output that a broker could not tell from an earlier one."""
+    names: dict[str, str] = {}
+    sessions: dict[tuple[str, int, str | None], str] = {}
+    nodes: dict[tuple[str, int, str, str], str] = {}
+    for loc, output in outputs:
+        where = _key_path(loc)
+        if output.name in names:
+            raise ProblemAt((*loc, "name"), f"the output name {output.name!r} is used twice")
+        names[output.name] = where
+        broker = f"{shown(output.host)}:{output.port}"
+        session = (output.host, output.port, output.client_id)
+        if (first := sessions.setdefault(session, where)) != where:
+            raise ProblemAt(
+                loc,
+                f"the same broker ({broker}) and client id ({output.client_id!r}) as {first}: the broker "
+                "would disconnect one whenever the other connects; give one of them its own client_id",
+            )
+        sparkplug = output.sparkplug
+        if sparkplug is not None and sparkplug.edge_node_id is not None:
+            # Ignoring case, as for device names: some hosts fold it.
+            node = (output.host, output.port, sparkplug.group_id.lower(), sparkplug.edge_node_id.lower())
+            if (first := nodes.setdefault(node, where)) != where:
+                raise ProblemAt(
+                    loc,
+                    f"the same Sparkplug edge node as {first} (group {sparkplug.group_id!r}, edge node "
+                    f"{sparkplug.edge_node_id!r} on {broker}): the host would take the births and deaths "
+                    "of both for one node's; give one of them its own sparkplug.edge_node_id",
+                )
+
+
+class Settings(Model):
+    """The config the gateway runs, as load makes it of a ConfigFile: every output in
+    `outputs` (the mqtt: shorthand as the one output named mqtt), with its client id and (a
+    Sparkplug output) its edge node id filled in; relative paths resolved against the config
+    file's folder. Made by load only: the checks across sections are ConfigFile's."""
+
+    gateway: GatewaySettings
+    outbox: OutboxSettings
+    outputs: tuple[OutputSettings, ...] = Field(min_length=1, description="Every output, in file order.")
+    devices: list[Device] = Field(min_length=1, description="Devices to collect from.")
 
     @property
     def pki_dir(self) -> Path:
@@ -174,7 +289,7 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     if raw is None:
         raise ConfigError(file, ["the file is empty"])
     if not isinstance(raw, dict):
-        raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)"])
+        raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, outputs:, devices:)"])
     missing: list[tuple[Any, ...]] = []
     try:
         expanded = _expand(raw, (), dict(os.environ) if env is None else env, missing)
@@ -184,12 +299,12 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
                 for *where, name in missing
             ]
             raise ConfigError(file, problems)
-        settings = Settings.model_validate(expanded)
+        doc = ConfigFile.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(err) for err in exc.errors()]) from None
     except RecursionError:  # hundreds of levels: YAML allows it, nothing here needs it
         raise ConfigError(file, ["nested too deeply"]) from None
-    return _resolve_files(settings, file)
+    return _resolve_files(doc, file)
 
 
 def _yaml_problem(exc: yaml.YAMLError | UnicodeEncodeError, text: str) -> str:
@@ -226,38 +341,46 @@ _FILES = {
 }
 
 
-def _resolve_files(settings: Settings, file: str) -> Settings:
+def _resolve_files(doc: ConfigFile, file: str) -> Settings:
     """Make relative paths relative to the config file (not to wherever the service
-    started), and check now that the files the MQTT connection will need are there and
-    load: a bad one found at `run` would stop the service with less to go on."""
+    started), and check now that the files each connection will need are there and load: a
+    bad one found at `run` would stop the service with less to go on."""
     base = Path(file).resolve().parent
     problems: list[str] = []
-    outbox = settings.outbox.model_copy(update={"path": _outbox_path(base, settings.outbox.path, problems)})
-    found: dict[str, Path] = {}
-    for key, what in _FILES.items():
-        value = getattr(settings.mqtt, key)
-        if value is not None:
-            found[key] = resolve_file(
-                base, value, f"mqtt.{key}", what, problems, secret=key == "password_file"
-            )
-    mqtt = settings.mqtt.model_copy(update=found)
-    missing = any(p.startswith(("mqtt.ca:", "mqtt.cert:", "mqtt.key:")) for p in problems)
-    if mqtt.tls and (mqtt.ca or mqtt.cert) and not missing:
-        try:
-            tls.client_context(mqtt, file)
-        except ConfigError as exc:
-            problems += exc.problems
-    devices = [
-        PROTOCOLS[d.protocol].resolve_files(d, i, base, problems) for i, d in enumerate(settings.devices)
-    ]
+    outbox = doc.outbox.model_copy(update={"path": _outbox_path(base, doc.outbox.path, problems)})
+    outputs = tuple(
+        _resolve_output(output, _key_path(loc), base, file, problems)
+        for loc, output in doc.resolved_outputs()
+    )
+    devices = [PROTOCOLS[d.protocol].resolve_files(d, i, base, problems) for i, d in enumerate(doc.devices)]
     if problems:
         raise ConfigError(file, problems)
-    gateway = settings.gateway
+    gateway = doc.gateway
     if gateway.pki_dir is not None:
         gateway = gateway.model_copy(update={"pki_dir": base / gateway.pki_dir})
-    return settings.model_copy(
-        update={"outbox": outbox, "mqtt": mqtt, "gateway": gateway, "devices": devices}
-    )
+    return Settings(gateway=gateway, outbox=outbox, outputs=outputs, devices=devices)
+
+
+def _resolve_output(
+    output: OutputSettings, where: str, base: Path, file: str, problems: list[str]
+) -> OutputSettings:
+    """The output with its files relative to `base`, and its TLS files loaded (`where`: its
+    key path, for the problems)."""
+    found: dict[str, Path] = {}
+    for key, what in _FILES.items():
+        value = getattr(output, key)
+        if value is not None:
+            found[key] = resolve_file(
+                base, value, f"{where}.{key}", what, problems, secret=key == "password_file"
+            )
+    output = output.model_copy(update=found)
+    missing = any(p.startswith((f"{where}.ca:", f"{where}.cert:", f"{where}.key:")) for p in problems)
+    if output.tls and (output.ca or output.cert) and not missing:
+        try:
+            tls.client_context(output, file, where)
+        except ConfigError as exc:
+            problems += exc.problems
+    return output
 
 
 def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
@@ -278,10 +401,15 @@ def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
 
 def _describe(err: Any) -> str:
     msg = str(err["msg"]).removeprefix("Value error, ")
+    error = err.get("ctx", {}).get("error")
+    if isinstance(error, ProblemAt):  # a check across keys, which names the key it is about
+        return f"{_key_path((*err['loc'], *error.loc))}: {msg}"
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see `millwright schema`)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+        if tuple(err["loc"]) == ("outputs",):
+            msg += f" (or {SHORTHAND}: for a single output)"
     elif err["type"] == "union_tag_invalid":
         protocol = err["input"].get("protocol") if isinstance(err["input"], dict) else None
         msg = f"unknown protocol {reprlib.repr(protocol)}; expected one of {', '.join(DEVICE_PROTOCOLS)}"
@@ -339,7 +467,8 @@ def load(path: str | Path) -> Settings:
 
 def schema() -> str:
     """The JSON Schema of the config file, as committed in config/schema.json."""
-    doc = Settings.model_json_schema(mode="validation")
+    doc = ConfigFile.model_json_schema(mode="validation")
+    del doc["description"]  # the model's docstring, which speaks to the code
     doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     doc["title"] = "Millwright gateway configuration"
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

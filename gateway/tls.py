@@ -39,7 +39,7 @@ def client_context(settings: MqttSettings, file: str = "mqtt", where: str = "mqt
     `tls_insecure`.
 
     Raises ConfigError(`file`, problems) with one problem per bad file, each naming its key
-    (`where`.ca, .cert, .key) and its path, e.g. `mqtt.ca: /etc/ca.pem: not a PEM certificate`.
+    (`where`.ca, .cert, .key) and its path, e.g. `outputs[1].ca: /etc/ca.pem: not a PEM certificate`.
     Config load passes the config file; the connection, which has only the settings, may
     leave the default (its files were checked at load: only a file changed since can fail).
     """

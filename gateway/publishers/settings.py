@@ -1,6 +1,7 @@
 """The settings of an output: its MQTT connection and the format published on it.
 
-gateway.config composes them with the rest of the config file.
+`mqtt:` in a config file is one `MqttSettings` (the shorthand for a single output), each entry
+of `outputs:` an `OutputSettings`; gateway.config composes them into `Settings.outputs`.
 """
 
 from __future__ import annotations
@@ -136,3 +137,17 @@ class MqttSettings(Model):
     def secret(self) -> str | None:
         """The password, read from password_file when one is given."""
         return read_secret(self.password, self.password_file)
+
+
+class OutputSettings(MqttSettings):
+    """One entry of `outputs:`: a broker, the format published to it, and a name."""
+
+    name: Segment = Field(
+        description="The output's name, unique among the outputs: it names the output's place in the "
+        "outbox, and ends its default client id."
+    )
+    client_id: MqttString = Field(
+        default=None,
+        description="Default: millwright-<gateway id>-<name>, so that two outputs to one broker need "
+        "no client id of their own.",
+    )
