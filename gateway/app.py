@@ -183,7 +183,7 @@ class Gateway:
                 ]  # fmt: skip
                 log.info(
                     "gateway %s running: %d device(s), outbox %s, broker %s",
-                    s.gateway.id, len(collectors), s.outbox.path, s.mqtt.url,
+                    s.gateway.id, len(collectors), s.outbox.path, s.outputs[0].url,
                 )  # fmt: skip
                 await self._stop.wait()
                 # Collectors first, so every reading they made is committed before we leave.
@@ -228,14 +228,15 @@ class _Output:
 
 
 def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collector]]) -> _Output:
-    context = OutputContext(s, s.mqtt, outbox, collectors)
-    if s.mqtt.sparkplug is not None:
+    output = s.outputs[0]
+    context = OutputContext(s, output, outbox, collectors)
+    if output.sparkplug is not None:
         from gateway.publishers.sparkplug.node import build
 
         node = build(context)
         return _Output(node.connection, node.run(), node.close, node.append, node.device_down)
     publisher = uns.build(context)
-    fwd = forward(outbox, publisher, publisher.connection, s.mqtt.batch)
+    fwd = forward(outbox, publisher, publisher.connection, output.batch)
     return _Output(publisher.connection, fwd, publisher.close, outbox.append, None)
 
 

@@ -273,6 +273,15 @@ def resolve_file(
     return path
 
 
+class ProblemAt(ValueError):
+    """A problem that a validator finds at a key below its model (`loc`, e.g. ("outputs", 1)):
+    the config's message names that key rather than the model's."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 def check_unique(names: Iterable[str], what: str) -> None:
     """Raise ValueError naming the first name that appears twice."""
     seen: set[str] = set()

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from gateway.collectors import Collector, DeviceSettings
-    from gateway.config import MqttSettings, Settings
+    from gateway.config import Settings
     from gateway.outbox import Outbox
     from gateway.publishers.mqtt import MqttConnection
+    from gateway.publishers.settings import OutputSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +27,7 @@ class OutputContext:
     outbox, and each configured device with its collector."""
 
     settings: Settings
-    output: MqttSettings
+    output: OutputSettings
     outbox: Outbox
     collectors: Sequence[tuple[DeviceSettings, Collector]]
 

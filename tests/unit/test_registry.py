@@ -112,7 +112,7 @@ LOADED = textwrap.dedent(
         s = config.load(sys.argv[1])
         collectors = [(d, make_collector(d, s.pki_dir)) for d in s.devices]
         outbox = await Outbox.open(s.outbox.path)
-        built = FORMATS[s.mqtt.format](OutputContext(s, s.mqtt, outbox, collectors))
+        built = FORMATS[s.outputs[0].format](OutputContext(s, s.outputs[0], outbox, collectors))
         await built.connection.close()
         await outbox.close()
         print(type(built).__name__, "asyncua" in sys.modules, "google.protobuf" in sys.modules)

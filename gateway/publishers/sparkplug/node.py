@@ -117,17 +117,21 @@ def metric_types(device: DeviceSettings) -> list[tuple[str, DataType | None, str
 def build(context: OutputContext) -> SparkplugNode:
     """The Sparkplug B edge node of one output (FORMATS["sparkplug"]); its bdSeq is kept
     beside the outbox."""
-    s, mqtt = context.settings, context.output
-    assert mqtt.sparkplug is not None  # (the config requires it with format: sparkplug)
+    s, output = context.settings, context.output
+    sparkplug = output.sparkplug
+    # The config requires the section with format: sparkplug, and load fills in the ids.
+    assert sparkplug is not None
+    assert sparkplug.edge_node_id is not None
+    assert output.client_id is not None
     hints = {c.name: c.datatype for _, c in context.collectors if isinstance(c, DatatypeSource)}
     return SparkplugNode(
-        mqtt,
-        mqtt.sparkplug,
+        output,
+        sparkplug,
         context.outbox,
-        edge_node_id=s.edge_node_id,
+        edge_node_id=sparkplug.edge_node_id,
         devices={device.name: metric_types(device) for device in s.devices},
         bdseq=BdSeqFile(bdseq_path(s)),
-        client_id=mqtt.client_id or f"millwright-{s.gateway.id}",
+        client_id=output.client_id,
         type_hints=hints,
     )
 
