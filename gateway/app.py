@@ -1,4 +1,5 @@
-"""The gateway: collectors, outbox and publisher wired together in one TaskGroup."""
+"""The gateway: collectors, outbox and outputs wired together in one TaskGroup: the pollers
+commit to the outbox once, and each output runs its own forwarding loop on its own place in it."""
 
 from __future__ import annotations
 
@@ -8,24 +9,28 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway.backoff import Backoff
 from gateway.collectors import Collector
 from gateway.collectors.registry import Device, protocol
 from gateway.config import Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import Batch, Entry
+from gateway.model import Batch, Entry, Reading
 from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.poller import Sink, poll
-from gateway.publishers import uns
-from gateway.publishers.formats import OutputContext
+from gateway.publishers.formats import FORMATS, OutputContext
 from gateway.publishers.mqtt import MqttConnection
+from gateway.publishers.settings import OutputSettings
 from gateway.settings_types import RECONNECT_START
 
 # The OPC UA collector and the Sparkplug node are imported only by the configurations that
 # use them (see ProtocolEntry and FORMATS): asyncua alone adds 27 MB of RSS, protobuf 5 MB,
 # which a Modbus gateway that publishes UNS need not carry.
+
+if TYPE_CHECKING:
+    from gateway.publishers import uns
+    from gateway.publishers.sparkplug.node import SparkplugNode
 
 log = logging.getLogger(__name__)
 
@@ -169,28 +174,32 @@ class Gateway:
         collectors: list[tuple[Device, Collector]] = []
         try:
             collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
-            out = _output(s, outbox, collectors)
+            outputs = [_output(s, o, outbox, collectors) for o in s.outputs]
+            sink, on_down = _fan_out(outbox, [o.node for o in outputs if o.node is not None])
             async with asyncio.TaskGroup() as tasks:
-                link = tasks.create_task(out.connection.run(), name="mqtt")
-                fwd = tasks.create_task(out.forward, name="forward")
+                links = [tasks.create_task(o.connection.run(), name=f"mqtt {o.name}") for o in outputs]
+                loops = [tasks.create_task(o.forward, name=f"forward {o.name}") for o in outputs]
                 pollers = [
                     tasks.create_task(
-                        poll(c, d.cycle, out.sink, on_down=out.on_down,
+                        poll(c, d.cycle, sink, on_down=on_down,
                              backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)),
                         name=f"poll {d.name}",
                     )
                     for d, c in collectors
                 ]  # fmt: skip
                 log.info(
-                    "gateway %s running: %d device(s), outbox %s, broker %s",
-                    s.gateway.id, len(collectors), s.outbox.path, s.outputs[0].url,
+                    "gateway %s running: %d device(s), outbox %s, %s",
+                    s.gateway.id, len(collectors), s.outbox.path,
+                    ", ".join(f"output {o.name} {o.settings.format} to {o.settings.url}" for o in outputs),
                 )  # fmt: skip
                 await self._stop.wait()
                 # Collectors first, so every reading they made is committed before we leave.
                 await cancel(pollers)
-                await cancel([fwd])
-                await out.close()
-                await cancel([link])
+                await cancel(loops)
+                # Each says offline (or NDEATH) and disconnects; at once, since each may wait
+                # for a broker that is gone.
+                await asyncio.gather(*(o.close() for o in outputs))
+                await cancel(links)
         finally:
             try:
                 for _, collector in collectors:
@@ -202,8 +211,10 @@ class Gateway:
     async def _open_outbox(self) -> Outbox | None:
         """The outbox, or None if `stop()` came first: opening waits while the disk is full."""
         s = self.settings.outbox
+        names = [o.name for o in self.settings.outputs]
         opening = asyncio.create_task(
-            Outbox.open(s.path, max_rows=s.max_rows, max_bytes=s.max_bytes, policy=s.policy), name="outbox"
+            Outbox.open(s.path, max_rows=s.max_rows, max_bytes=s.max_bytes, policy=s.policy, outputs=names),
+            name="outbox",
         )
         stopping = asyncio.create_task(self._stop.wait(), name="stop")
         try:
@@ -218,26 +229,51 @@ class Gateway:
 
 @dataclass(slots=True)
 class _Output:
-    """The MQTT side of one configuration: UNS JSON or a Sparkplug B edge node."""
+    """One output as the engine runs it: UNS JSON or a Sparkplug B edge node."""
 
+    settings: OutputSettings
     connection: MqttConnection
     forward: Coroutine[Any, Any, None]  # moves the outbox to the broker, forever
     close: Callable[[], Awaitable[None]]  # says offline (or NDEATH) and disconnects
-    sink: Sink  # where the pollers put their readings
-    on_down: Callable[[str], None] | None  # told when a device stops answering
+    node: SparkplugNode | None  # a Sparkplug node, told of readings and outages as they happen
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
 
-def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collector]]) -> _Output:
-    output = s.outputs[0]
+def _output(
+    s: Settings, output: OutputSettings, outbox: Outbox, collectors: list[tuple[Device, Collector]]
+) -> _Output:
     context = OutputContext(s, output, outbox, collectors)
-    if output.sparkplug is not None:
-        from gateway.publishers.sparkplug.node import build
+    built = FORMATS[output.format](context)
+    if output.format == "sparkplug":
+        node = cast("SparkplugNode", built)
+        return _Output(output, node.connection, node.run(), node.close, node)
+    publisher = cast("uns.UnsPublisher", built)
+    fwd = forward(outbox, publisher, publisher.connection, output.batch, output.name)
+    return _Output(output, publisher.connection, fwd, publisher.close, None)
 
-        node = build(context)
-        return _Output(node.connection, node.run(), node.close, node.append, node.device_down)
-    publisher = uns.build(context)
-    fwd = forward(outbox, publisher, publisher.connection, output.batch)
-    return _Output(publisher.connection, fwd, publisher.close, outbox.append, None)
+
+def _fan_out(outbox: Outbox, nodes: list[SparkplugNode]) -> tuple[Sink, Callable[[str], None] | None]:
+    """The pollers' sink: one commit to the outbox for every output. A Sparkplug node also
+    notes the newest values before the commit and is woken after it, and hears of a device
+    that stopped answering."""
+    if not nodes:
+        return outbox.append, None
+
+    async def sink(readings: list[Reading]) -> None:
+        for node in nodes:
+            node.note(readings)
+        await outbox.append(readings)
+        for node in nodes:
+            node.appended()
+
+    def on_down(device: str) -> None:
+        for node in nodes:
+            node.device_down(device)
+
+    return sink, on_down
 
 
 async def run(settings: Settings) -> None:

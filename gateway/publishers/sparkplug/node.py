@@ -130,15 +130,19 @@ def build(context: OutputContext) -> SparkplugNode:
         context.outbox,
         edge_node_id=sparkplug.edge_node_id,
         devices={device.name: metric_types(device) for device in s.devices},
-        bdseq=BdSeqFile(bdseq_path(s)),
+        bdseq=BdSeqFile(bdseq_path(s, output.name)),
         client_id=output.client_id,
         type_hints=hints,
+        output=output.name,
     )
 
 
-def bdseq_path(settings: Settings) -> Path:
+def bdseq_path(settings: Settings, output: str = DEFAULT_OUTPUT) -> Path:
+    """Beside the outbox: `<outbox>.bdseq` for the output of the `mqtt:` shorthand (as before
+    there were several outputs), `<outbox>.<name>.bdseq` for another (one per edge node)."""
     path = settings.outbox.path
-    return path.with_name(f"{path.name}.bdseq")
+    middle = "" if output == DEFAULT_OUTPUT else f".{output}"
+    return path.with_name(f"{path.name}{middle}.bdseq")
 
 
 class BdSeqFile:
