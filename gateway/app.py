@@ -23,6 +23,7 @@ from gateway.poller import Sink, poll
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.uns import connect_uns
 from gateway.settings_types import RECONNECT_START
+from gateway.state import REPORT_EVERY, State, report
 
 if TYPE_CHECKING:
     from gateway.collectors.opcua.collector import OpcUaCollector
@@ -160,9 +161,11 @@ async def cancel(tasks: list[asyncio.Task[None]]) -> None:
 class Gateway:
     """Runs one configuration until `stop()`; on the way out commits, says offline, disconnects."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, report_every: float = REPORT_EVERY) -> None:
         self.settings = settings
         self._stop = asyncio.Event()
+        self._report_every = report_every  # seconds between the state summary lines
+        self.state: State | None = None  # made by run(): devices, output, latest values
 
     def stop(self) -> None:
         self._stop.set()
@@ -177,24 +180,29 @@ class Gateway:
         try:
             collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
             out = _output(s, outbox, collectors)
+            self.state = state = State((d.name, t.name) for d in s.devices for t in d.tags)
+            out.connection.status = state.output("mqtt")  # the one output, until outputs: has names
+            sink = state.sink(out.sink)
             async with asyncio.TaskGroup() as tasks:
                 link = tasks.create_task(out.connection.run(), name="mqtt")
                 fwd = tasks.create_task(out.forward, name="forward")
                 pollers = [
                     tasks.create_task(
-                        poll(c, d.cycle, out.sink, on_down=out.on_down,
+                        poll(c, d.cycle, sink, on_down=out.on_down, state=state.device(d.name, d.protocol),
                              backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)),
                         name=f"poll {d.name}",
                     )
                     for d, c in collectors
                 ]  # fmt: skip
+                reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
                 log.info(
                     "gateway %s running: %d device(s), outbox %s, broker %s",
                     s.gateway.id, len(collectors), s.outbox.path, s.mqtt.url,
                 )  # fmt: skip
                 await self._stop.wait()
-                # Collectors first, so every reading they made is committed before we leave.
-                await cancel(pollers)
+                # Collectors first, so every reading they made is committed before we leave;
+                # the report with them, as it reads the outbox.
+                await cancel([*pollers, reporter])
                 await cancel([fwd])
                 await out.close()
                 await cancel([link])
