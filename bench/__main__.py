@@ -7,13 +7,15 @@ import argparse
 import random
 import sys
 
-from bench import scenarios, soak, startup
+from bench import scenarios, soak, startup, state
 from bench.harness import bench, save
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "all"])
+    p.add_argument(
+        "scenario", choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "state", "all"]
+    )
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print("saved", save(f"startup{suffix}", result))
     if args.scenario == "soak":
         return _soak(p, args, suffix)
+    if args.scenario == "state":  # in process, a few seconds: not worth a place in `all`
+        print("saved", save("state", state.fold(devices=args.devices, tags=args.tags)))
     return 0
 
 

@@ -23,6 +23,7 @@ from gateway.publishers.formats import FORMATS, OutputContext
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.settings import OutputSettings
 from gateway.settings_types import RECONNECT_START
+from gateway.state import REPORT_EVERY, State, report
 
 # The OPC UA collector and the Sparkplug node are imported only by the configurations that
 # use them (see ProtocolEntry and FORMATS): asyncua alone adds 27 MB of RSS, protobuf 5 MB,
@@ -116,6 +117,7 @@ async def forward(
     `publisher.publish(batch)` publishes one message per entry, in order.
     """
     refusals, suspect = _Refusals(), _Suspect()
+    status = connection.status  # the output's figures in the State, if the engine keeps one
     while True:
         await outbox.wait(output)
         await connection.wait_connected()
@@ -130,16 +132,24 @@ async def forward(
             if lost.settled:
                 await outbox.ack(output, Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
                 refusals.log(lost.refused)
+                if status is not None:
+                    status.ack(lost.settled, refused=len(lost.refused))
             if (poison := suspect.blame(batch, lost)) is not None:
                 await outbox.ack(output, Batch([poison]), refused=1)
+                if status is not None:
+                    status.ack(1, refused=1)
             await outbox.release(output, batch)
         except MessagesRefused as exc:
             await outbox.ack(output, batch, refused=len(exc.refused))
             refusals.log(exc.refused)
             suspect.clear()
+            if status is not None:
+                status.ack(len(batch), refused=len(exc.refused))
         else:
             await outbox.ack(output, batch)
             suspect.clear()
+            if status is not None:
+                status.ack(len(batch))
 
 
 async def cancel(tasks: list[asyncio.Task[None]]) -> None:
@@ -158,9 +168,11 @@ async def cancel(tasks: list[asyncio.Task[None]]) -> None:
 class Gateway:
     """Runs one configuration until `stop()`; on the way out commits, says offline, disconnects."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, report_every: float = REPORT_EVERY) -> None:
         self.settings = settings
         self._stop = asyncio.Event()
+        self._report_every = report_every  # seconds between the state summary lines
+        self.state: State | None = None  # made by run(): devices, output, latest values
 
     def stop(self) -> None:
         self._stop.set()
@@ -175,26 +187,32 @@ class Gateway:
         try:
             collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
             outputs = [_output(s, o, outbox, collectors) for o in s.outputs]
-            sink, on_down = _fan_out(outbox, [o.node for o in outputs if o.node is not None])
+            self.state = state = State((d.name, t.name) for d in s.devices for t in d.tags)
+            for o in outputs:
+                o.connection.status = state.output(o.name)
+            fanned, on_down = _fan_out(outbox, [o.node for o in outputs if o.node is not None])
+            sink = state.sink(fanned)
             async with asyncio.TaskGroup() as tasks:
                 links = [tasks.create_task(o.connection.run(), name=f"mqtt {o.name}") for o in outputs]
                 loops = [tasks.create_task(o.forward, name=f"forward {o.name}") for o in outputs]
                 pollers = [
                     tasks.create_task(
-                        poll(c, d.cycle, sink, on_down=on_down,
+                        poll(c, d.cycle, sink, on_down=on_down, state=state.device(d.name, d.protocol),
                              backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)),
                         name=f"poll {d.name}",
                     )
                     for d, c in collectors
                 ]  # fmt: skip
+                reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
                 log.info(
                     "gateway %s running: %d device(s), outbox %s, %s",
                     s.gateway.id, len(collectors), s.outbox.path,
                     ", ".join(f"output {o.name} {o.settings.format} to {o.settings.url}" for o in outputs),
                 )  # fmt: skip
                 await self._stop.wait()
-                # Collectors first, so every reading they made is committed before we leave.
-                await cancel(pollers)
+                # Collectors first, so every reading they made is committed before we leave;
+                # the report with them, as it reads the outbox.
+                await cancel([*pollers, reporter])
                 await cancel(loops)
                 # Each says offline (or NDEATH) and disconnects; at once, since each may wait
                 # for a broker that is gone.

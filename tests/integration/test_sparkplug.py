@@ -10,21 +10,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from gateway.app import Gateway
-from gateway.config import parse
 from gateway.outbox import read_stats
 from gateway.publishers.sparkplug.sparkplug_b_pb2 import Payload
 from simulators.modbus import ModbusSimulator
 from simulators.opcua import OpcUaSimulator
 from tests.conftest import MakeMosquitto, Subscribe
-from tests.helpers import Mosquitto, eventually
+from tests.helpers import Mosquitto, eventually, running
 from tests.sparkplug_host import REBIRTH, Host, Spark, mismatched_values, seq_gaps
 
 GROUP, NODE = "plant1", "edge-sp"
@@ -71,17 +68,6 @@ def host(subscriber: Subscribe) -> Callable[[Mosquitto], Host]:
 @pytest.fixture
 def outbox(tmp_path: Path) -> Path:
     return tmp_path / "outbox.db"
-
-
-@asynccontextmanager
-async def running(text: str, file: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway(parse(text, str(file)))
-    task = asyncio.create_task(gateway.run())
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
-        await asyncio.wait_for(task, 10)
 
 
 def births(sparks: list[Spark]) -> list[Spark]:

@@ -534,6 +534,8 @@ class SparkplugNode:
             for i in exc.indices:
                 self._unborn(messages[i][0])
             self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
+        if (status := self.connection.status) is not None and done:
+            status.ack(done, refused=refused)
         if done == len(batch):
             await self._outbox.ack(self._output, batch, refused=refused)
             return
