@@ -294,6 +294,7 @@ class Outbox:
         # The current "outbox full" episode, if any.
         self._full_since: float | None = None
         self._full_dropped = 0
+        self._episode_losses: dict[str, int] = {}  # per output, in this episode (several outputs)
         # Drops counted while the disk was too full to store the count: saved with the next write.
         self._unsaved_dropped = 0
         self._reserve = 2 * self.wal_limit + _RESERVE_MARGIN
@@ -557,6 +558,13 @@ class Outbox:
         for name, n in self._losing.items():
             self._outputs[name].dropped += n
             total += n
+            if len(self._outputs) > 1:
+                # With several outputs, say which fell behind: once per output and episode.
+                lost = self._episode_losses.get(name, 0)
+                if not lost:
+                    log.warning("outbox %s: output %s is so far behind that the cap evicts readings it has "
+                                "not sent; they count as its drops", self.path, name)  # fmt: skip
+                self._episode_losses[name] = lost + n
         self._dropped += total
         self._losing.clear()
         return total
@@ -903,11 +911,14 @@ class Outbox:
 
     def _end_episode(self) -> None:
         assert self._full_since is not None
+        outputs = ", ".join(f"{name} {n}" for name, n in self._episode_losses.items())
         log.warning(
-            "outbox full: dropped %d readings (policy %s) since %s",
+            "outbox full: dropped %d readings (policy %s) since %s%s",
             self._full_dropped, self._policy, iso_millis(self._full_since),
+            f" (outputs that had not sent them: {outputs})" if outputs else "",
         )  # fmt: skip
         self._full_since, self._full_dropped = None, 0
+        self._episode_losses.clear()
 
     async def _save_newest(self, retry: bool) -> None:
         await self._db.executemany(_SAVE_LATEST, _to_rows(self._newest.values()))

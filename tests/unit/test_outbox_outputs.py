@@ -156,18 +156,27 @@ async def test_a_file_of_schema_1_keeps_its_rows_for_the_output(path: Path) -> N
         await box.close()
 
 
-async def test_eviction_counts_as_dropped_for_the_output_that_had_not_sent_it(path: Path) -> None:
-    box = await Outbox.open(path, max_rows=10, outputs=TWO)
+async def test_eviction_counts_as_dropped_for_the_output_that_had_not_sent_it(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = await Outbox.open(path, max_rows=100, outputs=TWO)
     try:
-        for start in range(0, 30, 5):
-            await box.append(readings(range(start, start + 5)))
-            await box.ack("local", await box.lease("local", 100))  # local keeps up; scada is down
-        stats = await box.stats()
-        assert stats.outputs["local"].dropped == 0
-        assert stats.outputs["scada"].dropped == 20
-        assert stats.dropped == 20
-        assert seqs(await box.lease("scada", 100)) == list(range(21, 31))
-        assert read_stats(path).outputs["scada"].dropped == 20
+        with caplog.at_level(logging.WARNING, logger="gateway.outbox"):
+            for start in range(0, 300, 50):
+                await box.append(readings(range(start, start + 50)))
+                await box.ack("local", await box.lease("local", 1000))  # local keeps up; scada is down
+            stats = await box.stats()
+            assert stats.outputs["local"].dropped == 0
+            assert stats.outputs["scada"].dropped == 200
+            assert stats.dropped == 200
+            scada = await box.lease("scada", 1000)
+            assert seqs(scada) == list(range(201, 301))
+            await box.ack("scada", scada)  # back: the episode ends
+        assert read_stats(path).outputs["scada"].dropped == 200
+        lines = [r.getMessage() for r in caplog.records]
+        assert sum("output scada is so far behind" in line for line in lines) == 1
+        assert any("dropped 200 readings" in ln and "had not sent them: scada 200" in ln for ln in lines)
+        assert not any("output local" in line for line in lines)
     finally:
         await box.close()
 

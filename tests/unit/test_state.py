@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gateway.app import cancel
 from gateway.model import Quality, Reading
-from gateway.outbox import Outbox, OutboxStats
+from gateway.outbox import Outbox, OutboxStats, OutputStats
 from gateway.state import DeviceState, OutputState, State, report
 from tests.helpers import eventually
 
@@ -148,11 +149,12 @@ def test_the_summary_with_several_outputs_gives_each_its_own_backlog() -> None:
     state = State()
     state.output("local").up(T0)
     state.output("scada").since = T0
-    state.refresh(stats(depth=12, size=40_000))
+    places = {"local": OutputStats(depth=0, dropped=0, position=40), "scada": OutputStats(12, 3, 28)}
+    state.refresh(replace(stats(depth=12, dropped=3, size=40_000), outputs=places))
     assert state.summary(T0 + 1) == (
-        "state: 0/0 devices up, 0 readings (+0/min), outbox 12 waiting (0 dropped, 40 kB); "
-        "output local connected, 0 published, 0 refused, 12 waiting, 0 dropped; "
-        "output scada disconnected 1 s, 0 published, 0 refused, 12 waiting, 0 dropped"
+        "state: 0/0 devices up, 0 readings (+0/min), outbox 12 waiting (3 dropped, 40 kB); "
+        "output local connected, 0 published, 0 refused, 0 waiting, 0 dropped; "
+        "output scada disconnected 1 s, 0 published, 0 refused, 12 waiting, 3 dropped"
     )
 
 
