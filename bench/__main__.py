@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--items", type=int, default=None, help="opcua, soak: monitored items (default 500; soak 10, 0: none)"
     )
+    p.add_argument(
+        "--outputs", type=int, default=1, help="throughput: outputs, each to a broker of its own (default 1)"
+    )
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--duration", type=float, default=20.0, help="measuring window, seconds (default 20)")
     p.add_argument("--down", type=float, default=30.0, help="outage: broker down for this long (default 30)")
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("" if args.format == "uns" else f"-{args.format}") + (f"-{args.name}" if args.name else "")
     if args.scenario in ("throughput", "all"):
         with bench(args.keep) as b:
-            result = scenarios.throughput(b, warmup=args.warmup, duration=args.duration, **load)
+            result = scenarios.throughput(
+                b, warmup=args.warmup, duration=args.duration, outputs=args.outputs, **load
+            )
         with bench(args.keep) as b:
             modbus = scenarios.modbus_ceiling(b, devices=args.devices, tags=args.tags, duration=10)
         with bench(args.keep) as b:
