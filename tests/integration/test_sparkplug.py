@@ -185,8 +185,9 @@ async def test_device_death_and_return(
         await h.received(lambda s: len(h.of("DDEATH")) == 1)
         await asyncio.sleep(0.5)  # the other device goes on meanwhile
         await stopped.start()
-        sparks = await h.received(
-            lambda s: len(h.of("DBIRTH")) == 3 and s[-1].kind == "DDATA" and s[-1].device == "press-1"
+        sparks = await h.received(  # (the device is retried with backoff: up to 10 s apart)
+            lambda s: len(h.of("DBIRTH")) == 3 and s[-1].kind == "DDATA" and s[-1].device == "press-1",
+            timeout=30,
         )
     press1 = [s for s in sparks if s.device == "press-1"]
     death = next(i for i, s in enumerate(press1) if s.kind == "DDEATH")
