@@ -7,13 +7,15 @@ import argparse
 import random
 import sys
 
-from bench import scenarios, soak
+from bench import scenarios, soak, startup, state
 from bench.harness import bench, save
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("scenario", choices=["throughput", "opcua", "outage", "scale", "soak", "all"])
+    p.add_argument(
+        "scenario", choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "state", "all"]
+    )
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--items", type=int, default=None, help="opcua, soak: monitored items (default 500; soak 10, 0: none)"
     )
+    p.add_argument(
+        "--outputs", type=int, default=1, help="throughput: outputs, each to a broker of its own (default 1)"
+    )
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring (default 5)")
     p.add_argument("--duration", type=float, default=20.0, help="measuring window, seconds (default 20)")
     p.add_argument("--down", type=float, default=30.0, help="outage: broker down for this long (default 30)")
@@ -35,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rate", type=float, default=5000, help="scale: readings/s to aim for (default 5000)")
     p.add_argument("--hold", type=float, default=120, help="scale: seconds each size runs (default 120)")
+    p.add_argument(
+        "--rows", type=int, default=2_000_000, help="startup: readings in the outbox (default 2,000,000)"
+    )
     p.add_argument("--minutes", type=float, default=60, help="soak: how long (default 60)")
     p.add_argument("--seed", type=int, default=None, help="soak: seed of the fault schedule (default random)")
     p.add_argument(
@@ -56,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("" if args.format == "uns" else f"-{args.format}") + (f"-{args.name}" if args.name else "")
     if args.scenario in ("throughput", "all"):
         with bench(args.keep) as b:
-            result = scenarios.throughput(b, warmup=args.warmup, duration=args.duration, **load)
+            result = scenarios.throughput(
+                b, warmup=args.warmup, duration=args.duration, outputs=args.outputs, **load
+            )
         with bench(args.keep) as b:
             modbus = scenarios.modbus_ceiling(b, devices=args.devices, tags=args.tags, duration=10)
         with bench(args.keep) as b:
@@ -89,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             with bench(args.keep) as b:
                 sizes.append(scenarios.scale(b, size=size, rate=args.rate, fmt=args.format, hold=args.hold))
         print("saved", save(f"scale{suffix}", {"sizes": sizes}))
+    if args.scenario in ("startup", "all"):
+        with bench(args.keep) as b:
+            result = startup.startup(b, rows=args.rows, fmt=args.format)
+        print("saved", save(f"startup{suffix}", result))
     if args.scenario == "soak":
         return _soak(p, args, suffix)
+    if args.scenario == "state":  # in process, a few seconds: not worth a place in `all`
+        print("saved", save("state", state.fold(devices=args.devices, tags=args.tags)))
     return 0
 
 

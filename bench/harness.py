@@ -89,16 +89,18 @@ class Bench:
         self.procs.append(p)
         return p
 
-    def broker(self, port: int, extra: Sequence[str] = ()) -> Proc:
-        """mosquitto on `port` with persistence in the working directory; `extra`: more
-        lines for its config file."""
+    def broker(self, port: int, extra: Sequence[str] = (), name: str = "mosquitto") -> Proc:
+        """mosquitto on `port` with persistence in the working directory (a folder of its own
+        for a broker named other than the first); `extra`: more lines for its config file."""
         binary = find_mosquitto()
         if binary is None:
             raise SystemExit("mosquitto is not installed (make test installs it)")
-        conf = self.workdir / "mosquitto.conf"
+        conf = self.workdir / f"{name}.conf"
+        folder = self.workdir if name == "mosquitto" else self.workdir / name
+        folder.mkdir(exist_ok=True)
         lines = [
             f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true",
-            f"persistence_location {self.workdir}/", "max_queued_messages 0", "max_inflight_messages 1000",
+            f"persistence_location {folder}/", "max_queued_messages 0", "max_inflight_messages 1000",
         ]  # fmt: skip
         if os.geteuid() == 0:
             # As root mosquitto switches to user "mosquitto", which cannot write its persistence
@@ -106,7 +108,7 @@ class Bench:
             lines.append("user root")
         lines.extend(extra)
         conf.write_text("\n".join(lines) + "\n")
-        p = self.proc("mosquitto", binary, "-c", str(conf))
+        p = self.proc(name, binary, "-c", str(conf))
         wait_port(port)
         return p
 

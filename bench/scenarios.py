@@ -45,8 +45,10 @@ class _Load:
     gateway: Proc
 
 
-def _load(b: Bench, *, devices: int, tags: int, poll: float, fmt: str) -> _Load:
-    """Start N presses polled every `poll` s, a broker, the counter, then the gateway."""
+def _load(b: Bench, *, devices: int, tags: int, poll: float, fmt: str, outputs: int = 1) -> _Load:
+    """Start N presses polled every `poll` s, a broker, the counter, then the gateway. With
+    `outputs` > 1 the gateway has that many outputs of the same format, each to a broker of its
+    own; the counter counts at the first (the others' brokers have no subscriber)."""
     broker_port, sim_port = ports(2)
     broker = b.broker(broker_port)
     simulator = b.simulator(sim_port, devices)
@@ -55,6 +57,13 @@ def _load(b: Bench, *, devices: int, tags: int, poll: float, fmt: str) -> _Load:
     config = modbus_config(
         broker_port, sim_port, outbox, devices=devices, tags=tags, poll=f"{poll * 1000:g}ms", fmt=fmt
     )
+    if outputs > 1:
+        first = config.pop("mqtt")
+        urls = [first["url"]]
+        for n, port in enumerate(ports(outputs - 1), start=2):
+            b.broker(port, name=f"mosquitto-{n}")
+            urls.append(f"mqtt://127.0.0.1:{port}")
+        config["outputs"] = [{**first, "name": f"out{n}", "url": url} for n, url in enumerate(urls, start=1)]
     return _Load(broker, broker_port, simulator, counter, counter_out, outbox, b.gateway(config))
 
 
@@ -70,14 +79,15 @@ def _received(counts: dict[str, Any], first: float, last: float) -> int:
 
 
 def throughput(
-    b: Bench, *, devices: int, tags: int, poll: float, fmt: str, warmup: float, duration: float
-) -> dict[str, Any]:
+    b: Bench, *, devices: int, tags: int, poll: float, fmt: str, warmup: float, duration: float,
+    outputs: int = 1,
+) -> dict[str, Any]:  # fmt: skip
     """Steady load: readings/s at the subscriber, gateway CPU per 1,000 readings, RSS, latency."""
-    load = _load(b, devices=devices, tags=tags, poll=poll, fmt=fmt)
+    load = _load(b, devices=devices, tags=tags, poll=poll, fmt=fmt, outputs=outputs)
     offered = devices * tags / poll
-    parameters = {"devices": devices, "tags": tags, "poll_s": poll, "format": fmt}
+    parameters = {"devices": devices, "tags": tags, "poll_s": poll, "format": fmt, "outputs": outputs}
     result = _steady(load, parameters, offered, fmt=fmt, warmup=warmup, duration=duration)
-    what = f"{devices} x {tags} tags every {poll:g} s"
+    what = f"{devices} x {tags} tags every {poll:g} s" + (f", {outputs} outputs" if outputs > 1 else "")
     print(f"throughput {fmt}: {what} (offered {offered:.0f}/s): {_summary(result)}")
     return result
 

@@ -1,47 +1,44 @@
-"""The gateway: collectors, outbox and publisher wired together in one TaskGroup."""
+"""The gateway: collectors, outbox and outputs wired together in one TaskGroup: the pollers
+commit to the outbox once, and each output runs its own forwarding loop on its own place in it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.backoff import Backoff
 from gateway.collectors import Collector
-from gateway.collectors.modbus.collector import ModbusCollector
-from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.collectors.opcua.settings import OpcUaDevice
-from gateway.config import Device, Settings
+from gateway.collectors.registry import Device, protocol
+from gateway.config import Settings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import AssetPath, Batch, Entry
-from gateway.outbox import Outbox
+from gateway.model import Batch, Entry, Reading
+from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.poller import Sink, poll
+from gateway.publishers.formats import FORMATS, OutputContext
 from gateway.publishers.mqtt import MqttConnection
-from gateway.publishers.uns import connect_uns
+from gateway.publishers.settings import OutputSettings
 from gateway.settings_types import RECONNECT_START
-
-if TYPE_CHECKING:
-    from gateway.collectors.opcua.collector import OpcUaCollector
-    from gateway.publishers.sparkplug.node import SparkplugNode, TypeHint
+from gateway.state import REPORT_EVERY, State, report
 
 # The OPC UA collector and the Sparkplug node are imported only by the configurations that
-# use them: asyncua alone adds 27 MB of RSS, protobuf 5 MB, which a Modbus gateway that
-# publishes UNS need not carry.
+# use them (see ProtocolEntry and FORMATS): asyncua alone adds 27 MB of RSS, protobuf 5 MB,
+# which a Modbus gateway that publishes UNS need not carry.
+
+if TYPE_CHECKING:
+    from gateway.publishers import uns
+    from gateway.publishers.sparkplug.node import SparkplugNode
 
 log = logging.getLogger(__name__)
 
 
-def make_collector(device: ModbusDevice | OpcUaDevice, pki_dir: Path) -> Collector:
-    """The collector for one configured device (dispatch on its protocol)."""
-    if isinstance(device, OpcUaDevice):
-        from gateway.collectors.opcua.collector import OpcUaCollector
-
-        return OpcUaCollector(device, pki_dir)
-    return ModbusCollector(device)
+def make_collector(device: Device, pki_dir: Path) -> Collector:
+    """The collector for one configured device (its protocol's factory)."""
+    return protocol(device).collector(device, pki_dir)
 
 
 # A broker that drops the connection this many times in a row on the same reading is taken
@@ -107,8 +104,10 @@ class _Suspect:
         self.seq = self.strikes = 0
 
 
-async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int) -> None:
-    """Move readings from the outbox to the broker forever: lease, publish, ack.
+async def forward(
+    outbox: Outbox, publisher: Any, connection: MqttConnection, batch_size: int, output: str = DEFAULT_OUTPUT
+) -> None:
+    """Move readings from the outbox to `output`'s broker forever: lease, publish, ack.
 
     A batch is acked once the broker confirmed every message in it; a lost connection acks
     what was confirmed and releases the rest, which is published again (same `seq`), in
@@ -118,11 +117,12 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
     `publisher.publish(batch)` publishes one message per entry, in order.
     """
     refusals, suspect = _Refusals(), _Suspect()
+    status = connection.status  # the output's figures in the State, if the engine keeps one
     while True:
-        await outbox.wait()
+        await outbox.wait(output)
         await connection.wait_connected()
         # While a reading is suspected, it goes alone: its fate then says something about it.
-        batch = await outbox.lease(1 if suspect.isolating else batch_size)
+        batch = await outbox.lease(output, 1 if suspect.isolating else batch_size)
         if not batch:
             continue
         try:
@@ -130,18 +130,26 @@ async def forward(outbox: Outbox, publisher: Any, connection: MqttConnection, ba
         except BrokerUnavailable as lost:
             # The connection task reconnects; wait_connected() waits for it.
             if lost.settled:
-                await outbox.ack(Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
+                await outbox.ack(output, Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
                 refusals.log(lost.refused)
+                if status is not None:
+                    status.ack(lost.settled, refused=len(lost.refused))
             if (poison := suspect.blame(batch, lost)) is not None:
-                await outbox.ack(Batch([poison]), refused=1)
-            await outbox.release(batch)
+                await outbox.ack(output, Batch([poison]), refused=1)
+                if status is not None:
+                    status.ack(1, refused=1)
+            await outbox.release(output, batch)
         except MessagesRefused as exc:
-            await outbox.ack(batch, refused=len(exc.refused))
+            await outbox.ack(output, batch, refused=len(exc.refused))
             refusals.log(exc.refused)
             suspect.clear()
+            if status is not None:
+                status.ack(len(batch), refused=len(exc.refused))
         else:
-            await outbox.ack(batch)
+            await outbox.ack(output, batch)
             suspect.clear()
+            if status is not None:
+                status.ack(len(batch))
 
 
 async def cancel(tasks: list[asyncio.Task[None]]) -> None:
@@ -160,9 +168,11 @@ async def cancel(tasks: list[asyncio.Task[None]]) -> None:
 class Gateway:
     """Runs one configuration until `stop()`; on the way out commits, says offline, disconnects."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, report_every: float = REPORT_EVERY) -> None:
         self.settings = settings
         self._stop = asyncio.Event()
+        self._report_every = report_every  # seconds between the state summary lines
+        self.state: State | None = None  # made by run(): devices, output, latest values
 
     def stop(self) -> None:
         self._stop.set()
@@ -176,28 +186,38 @@ class Gateway:
         collectors: list[tuple[Device, Collector]] = []
         try:
             collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
-            out = _output(s, outbox, collectors)
+            outputs = [_output(s, o, outbox, collectors) for o in s.outputs]
+            self.state = state = State((d.name, t.name) for d in s.devices for t in d.tags)
+            for o in outputs:
+                o.connection.status = state.output(o.name)
+            fanned, on_down = _fan_out(outbox, [o.node for o in outputs if o.node is not None])
+            sink = state.sink(fanned)
             async with asyncio.TaskGroup() as tasks:
-                link = tasks.create_task(out.connection.run(), name="mqtt")
-                fwd = tasks.create_task(out.forward, name="forward")
+                links = [tasks.create_task(o.connection.run(), name=f"mqtt {o.name}") for o in outputs]
+                loops = [tasks.create_task(o.forward, name=f"forward {o.name}") for o in outputs]
                 pollers = [
                     tasks.create_task(
-                        poll(c, d.cycle, out.sink, on_down=out.on_down,
+                        poll(c, d.cycle, sink, on_down=on_down, state=state.device(d.name, d.protocol),
                              backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)),
                         name=f"poll {d.name}",
                     )
                     for d, c in collectors
                 ]  # fmt: skip
+                reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
                 log.info(
-                    "gateway %s running: %d device(s), outbox %s, broker %s",
-                    s.gateway.id, len(collectors), s.outbox.path, s.mqtt.url,
+                    "gateway %s running: %d device(s), outbox %s, %s",
+                    s.gateway.id, len(collectors), s.outbox.path,
+                    ", ".join(f"output {o.name} {o.settings.format} to {o.settings.url}" for o in outputs),
                 )  # fmt: skip
                 await self._stop.wait()
-                # Collectors first, so every reading they made is committed before we leave.
-                await cancel(pollers)
-                await cancel([fwd])
-                await out.close()
-                await cancel([link])
+                # Collectors first, so every reading they made is committed before we leave;
+                # the report with them, as it reads the outbox.
+                await cancel([*pollers, reporter])
+                await cancel(loops)
+                # Each says offline (or NDEATH) and disconnects; at once, since each may wait
+                # for a broker that is gone.
+                await asyncio.gather(*(o.close() for o in outputs))
+                await cancel(links)
         finally:
             try:
                 for _, collector in collectors:
@@ -209,8 +229,10 @@ class Gateway:
     async def _open_outbox(self) -> Outbox | None:
         """The outbox, or None if `stop()` came first: opening waits while the disk is full."""
         s = self.settings.outbox
+        names = [o.name for o in self.settings.outputs]
         opening = asyncio.create_task(
-            Outbox.open(s.path, max_rows=s.max_rows, max_bytes=s.max_bytes, policy=s.policy), name="outbox"
+            Outbox.open(s.path, max_rows=s.max_rows, max_bytes=s.max_bytes, policy=s.policy, outputs=names),
+            name="outbox",
         )
         stopping = asyncio.create_task(self._stop.wait(), name="stop")
         try:
@@ -225,53 +247,51 @@ class Gateway:
 
 @dataclass(slots=True)
 class _Output:
-    """The MQTT side of one configuration: UNS JSON or a Sparkplug B edge node."""
+    """One output as the engine runs it: UNS JSON or a Sparkplug B edge node."""
 
+    settings: OutputSettings
     connection: MqttConnection
     forward: Coroutine[Any, Any, None]  # moves the outbox to the broker, forever
     close: Callable[[], Awaitable[None]]  # says offline (or NDEATH) and disconnects
-    sink: Sink  # where the pollers put their readings
-    on_down: Callable[[str], None] | None  # told when a device stops answering
+    node: SparkplugNode | None  # a Sparkplug node, told of readings and outages as they happen
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
 
 
-def _output(s: Settings, outbox: Outbox, collectors: list[tuple[Device, Collector]]) -> _Output:
-    if s.mqtt.sparkplug is not None:
-        hints = {
-            c.name: cast("OpcUaCollector", c).value_type for d, c in collectors if isinstance(d, OpcUaDevice)
-        }
-        node = sparkplug_node(s, outbox, hints)
-        return _Output(node.connection, node.run(), node.close, node.append, node.device_down)
-    described: dict[str, tuple[AssetPath, dict[str, Any]]] = {
-        device.name: (s.asset(device), collector.describe()) for device, collector in collectors
-    }
-    connection, publisher = connect_uns(s.mqtt, s.gateway, described)
-    fwd = forward(outbox, publisher, connection, s.mqtt.batch)
-    return _Output(connection, fwd, publisher.close, outbox.append, None)
+def _output(
+    s: Settings, output: OutputSettings, outbox: Outbox, collectors: list[tuple[Device, Collector]]
+) -> _Output:
+    context = OutputContext(s, output, outbox, collectors)
+    built = FORMATS[output.format](context)
+    if output.format == "sparkplug":
+        node = cast("SparkplugNode", built)
+        return _Output(output, node.connection, node.run(), node.close, node)
+    publisher = cast("uns.UnsPublisher", built)
+    fwd = forward(outbox, publisher, publisher.connection, output.batch, output.name)
+    return _Output(output, publisher.connection, fwd, publisher.close, None)
 
 
-def sparkplug_node(
-    settings: Settings, outbox: Outbox, type_hints: Mapping[str, TypeHint] | None = None
-) -> SparkplugNode:
-    """The Sparkplug B edge node of this configuration; its bdSeq is kept beside the outbox."""
-    from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode, metric_types
+def _fan_out(outbox: Outbox, nodes: list[SparkplugNode]) -> tuple[Sink, Callable[[str], None] | None]:
+    """The pollers' sink: one commit to the outbox for every output. A Sparkplug node also
+    notes the newest values before the commit and is woken after it, and hears of a device
+    that stopped answering."""
+    if not nodes:
+        return outbox.append, None
 
-    s = settings
-    assert s.mqtt.sparkplug is not None
-    return SparkplugNode(
-        s.mqtt,
-        s.mqtt.sparkplug,
-        outbox,
-        edge_node_id=s.edge_node_id,
-        devices={device.name: metric_types(device) for device in s.devices},
-        bdseq=BdSeqFile(bdseq_path(s)),
-        client_id=s.mqtt.client_id or f"millwright-{s.gateway.id}",
-        type_hints=type_hints,
-    )
+    async def sink(readings: list[Reading]) -> None:
+        for node in nodes:
+            node.note(readings)
+        await outbox.append(readings)
+        for node in nodes:
+            node.appended()
 
+    def on_down(device: str) -> None:
+        for node in nodes:
+            node.device_down(device)
 
-def bdseq_path(settings: Settings) -> Path:
-    path = settings.outbox.path
-    return path.with_name(f"{path.name}.bdseq")
+    return sink, on_down
 
 
 async def run(settings: Settings) -> None:

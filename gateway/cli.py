@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     outbox = sub.add_parser("outbox", help="inspect an outbox database")
     osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
-    stats = osub.add_parser("stats", help="print depth, oldest age and drops of an outbox file")
+    stats = osub.add_parser("stats", help="print an outbox file's depth, drops and each output's position")
     stats.add_argument("file", type=Path, help="the outbox SQLite file (outbox.path in the config)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -287,19 +287,25 @@ def _outbox_stats(file: Path, *, as_json: bool) -> int:
     except OutboxError as exc:
         print(f"millwright: {exc}", file=sys.stderr)
         return 1
+    outputs = {
+        name: {"depth": o.depth, "dropped": o.dropped, "position": o.position}
+        for name, o in stats.outputs.items()
+    }
     if as_json:
         print(json.dumps({
             "depth": stats.depth, "oldest_age": stats.oldest_age, "dropped": stats.dropped,
-            "bytes": stats.bytes, "last_seq": stats.last_seq,
+            "bytes": stats.bytes, "last_seq": stats.last_seq, "outputs": outputs,
         }))  # fmt: skip
         return 0
     age = "-" if stats.oldest_age is None else f"{stats.oldest_age:.1f} s"
     print(f"file:        {file}")
-    print(f"depth:       {stats.depth} reading(s) waiting")
+    print(f"depth:       {stats.depth} reading(s) waiting for at least one output")
     print(f"oldest age:  {age}")
     print(f"dropped:     {stats.dropped} reading(s) since the file was created")
     print(f"last seq:    {stats.last_seq}")
     print(f"size:        {stats.bytes} bytes")
+    for name, o in stats.outputs.items():
+        print(f"output {name}: {o.depth} waiting, {o.dropped} dropped, delivered up to seq {o.position}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """The config file: pydantic models, `${ENV}` substitution and errors that name the key path.
 
-Each protocol's device model lives beside its collector; this module composes them into
-one `Settings` with a discriminated union on `protocol:`.
+Each protocol's device model lives beside its collector, each output's settings beside the
+publishers; this module composes them: the devices with a discriminated union on
+`protocol:` (the protocol registry, gateway.collectors.registry), the outputs from `outputs:`
+or its shorthand `mqtt:`. `ConfigFile` is the file as written, `Settings` what load makes of it.
 """
 
 from __future__ import annotations
@@ -10,35 +12,40 @@ import json
 import os
 import re
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
 
 from gateway import tls, yamlload
-from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
+from gateway.collectors import DeviceSettings
+from gateway.collectors.registry import PROTOCOLS, Device
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
+from gateway.publishers.settings import MqttSettings, OutputSettings, SparkplugSettings
 from gateway.settings_types import (
     INT_FROM_ENV,
-    Bool,
-    Duration,
+    SECRET_FILE,
     EnvText,
     Int,
     Model,
-    MqttString,
+    ProblemAt,
     Segment,
     check_unique,
-    check_url,
-    read_secret,
+    home,
+    resolve_file,
     shown,
 )
 
-Device = Annotated[ModbusDevice | OpcUaDevice, Field(discriminator="protocol")]
-DEVICE_PROTOCOLS = ("modbus", "opcua")
+__all__ = [  # the output models are re-exported: the config's public API, and their old home
+    "ConfigFile", "GatewaySettings", "MqttSettings", "OutboxSettings", "OutputSettings", "Settings",
+    "SparkplugSettings", "load", "parse", "schema",
+]  # fmt: skip
+
+DEVICE_PROTOCOLS = tuple(PROTOCOLS)
+SHORTHAND = "mqtt"  # the name of the one output that `mqtt:` gives
 
 
 class GatewaySettings(Model):
@@ -72,125 +79,58 @@ class OutboxSettings(Model):
     )
 
 
-class SparkplugSettings(Model):
-    group_id: Segment = Field(description="Sparkplug group id: the first level of the node's topics.")
-    edge_node_id: Segment | None = Field(
-        default=None, description="Sparkplug edge node id, unique within the group. Default: the gateway id."
-    )
-    primary_host_id: Segment | None = Field(
-        default=None,
-        description="Wait for this host application's STATE online before publishing births, and "
-        "disconnect (NDEATH) when it goes offline; readings wait in the outbox meanwhile.",
-    )
-    aliases: Bool = Field(
-        default=False,
-        description="Give each device metric a numeric alias in its DBIRTH and send only the alias in DDATA.",
-    )
+def _one_output_form(schema: dict[str, Any]) -> None:
+    """The schema says what `_shorthand` does: mqtt: or outputs:, exactly one of them."""
+    schema["required"].remove("outputs")
+    schema["oneOf"] = [{"required": ["mqtt"]}, {"required": ["outputs"]}]
 
 
-_TLS_SCHEMES = ("mqtts", "ssl")
+class ConfigFile(Model):
+    """The config file as written: what `millwright schema` describes and load validates."""
 
+    model_config = ConfigDict(json_schema_extra=_one_output_form)
 
-class MqttSettings(Model):
-    url: str = Field(
-        description="mqtt://host:port, or mqtts://host:port for TLS (default ports 1883 / 8883)."
-    )
-    format: Literal["uns", "sparkplug"] = Field(
-        default="uns",
-        description="uns: one JSON message per tag on an ISA-95 topic; sparkplug: a Sparkplug B "
-        "edge node (settings under sparkplug:).",
-    )
-    sparkplug: SparkplugSettings | None = Field(
-        default=None, description="Sparkplug B edge node settings; required with format: sparkplug."
-    )
-    version: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
-    client_id: MqttString = Field(default=None, description="Default: millwright-<gateway id>.")
-    username: MqttString = Field(
-        default=None, description="Broker user name; use ${ENV} rather than a literal."
-    )
-    password: str | None = Field(default=None, description="Broker password; prefer ${ENV} or password_file.")
-    password_file: Path | None = Field(default=None, description="File whose first line is the password.")
-    ca: Path | None = Field(default=None, description="CA bundle for mqtts://; default: the system store.")
-    cert: Path | None = Field(default=None, description="Client certificate (PEM) for mutual TLS.")
-    key: Path | None = Field(default=None, description="Client private key (PEM) for mutual TLS.")
-    tls_insecure: Bool = Field(
-        default=False,
-        description="Skip server certificate verification (logs a warning). Never in production.",
-    )
-    keepalive: Int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, in seconds.")
-    batch: Int = Field(default=500, ge=1, le=10_000, description="Readings published per outbox lease.")
-    max_inflight: Int = Field(
-        default=200, ge=1, le=65_535, description="QoS 1 messages awaiting PUBACK at once."
-    )
-    connect_timeout: Duration = Field(default=10.0, description="Give up one connection attempt after this.")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        schemes = ("mqtt", "mqtts", "tcp", "ssl")
-        return check_url(value, schemes, "scheme must be mqtt:// or mqtts://", "username and password")
-
-    @field_validator("ca", "cert", "key", "tls_insecure")
-    @classmethod
-    def _needs_tls(cls, value: Any, info: ValidationInfo) -> Any:
-        url = info.data.get("url")  # absent when the url itself is wrong
-        scheme = urlsplit(url).scheme if url else "mqtts"
-        if value not in (None, False) and scheme not in _TLS_SCHEMES:
-            # An error, not a warning: whoever wrote it believes the link is encrypted, and
-            # the fix is one letter.
-            raise ValueError(
-                f"{info.field_name} applies to mqtts:// only; the url is {scheme}://, so the "
-                "connection would not use TLS"
-            )
-        return value
-
-    @field_validator("password", "password_file")
-    @classmethod
-    def _needs_username(cls, value: Any, info: ValidationInfo) -> Any:
-        # `"username" in data`: a username that failed its own check is reported there.
-        if value is not None and "username" in info.data and info.data["username"] is None:
-            raise ValueError(f"{info.field_name} without username: give the broker's user name too")
-        return value
-
-    @model_validator(mode="after")
-    def _credentials(self) -> Self:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("cert and key go together")
-        if self.format == "sparkplug" and self.sparkplug is None:
-            raise ValueError("format sparkplug needs a sparkplug: section with at least group_id")
-        if self.format != "sparkplug" and self.sparkplug is not None:
-            raise ValueError("a sparkplug: section needs format: sparkplug")
-        return self
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme in _TLS_SCHEMES
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
-
-    def secret(self) -> str | None:
-        """The password, read from password_file when one is given."""
-        return read_secret(self.password, self.password_file)
-
-
-class Settings(Model):
     gateway: GatewaySettings
     outbox: OutboxSettings
-    mqtt: MqttSettings
+    mqtt: MqttSettings | None = Field(
+        default=None,
+        description=f"A single output: the shorthand for outputs: with one entry, named {SHORTHAND}.",
+    )
+    # Required unless mqtt: is given (see _shorthand).
+    outputs: Annotated[list[OutputSettings], Field(min_length=1)] | None = Field(
+        description="Where the readings go: each output is a broker and the format published to it, "
+        "and keeps its own place in the outbox. Or mqtt:, for a single output."
+    )
     devices: list[Device] = Field(min_length=1, description="Devices to collect from.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # outputs: is a required key that mqtt: stands in for: a file with neither is then
+        # told so as a missing key, together with its other problems.
+        if isinstance(data, dict) and "mqtt" in data and "outputs" not in data:
+            return {**data, "outputs": None}
+        return data
+
     @model_validator(mode="after")
-    def _unique_devices(self) -> Self:
+    def _consistent(self) -> Self:
+        if self.mqtt is not None and self.outputs is not None:
+            raise ProblemAt(
+                ("mqtt",),
+                "give mqtt: (a single output) or outputs: (a list), not both: move it into outputs:, "
+                "with a name",
+            )
+        if self.mqtt is None and self.outputs is None:  # `mqtt:` or `outputs:` with no value
+            if "mqtt" in self.model_fields_set:
+                raise ProblemAt(("mqtt",), "expected a mapping (key: value), not null (an empty value)")
+            raise ProblemAt(
+                ("outputs",),
+                "expected a list of outputs, not null (an empty value); or mqtt: for a single output",
+            )
+        outputs = list(self.resolved_outputs())
+        _check_outputs(outputs)
         check_unique((d.name for d in self.devices), "device")
-        if self.mqtt.format == "sparkplug":
+        if any(o.format == "sparkplug" for _, o in outputs):
             # Sparkplug ids and metric names should not differ only in case: some hosts
             # fold case, and two devices (or tags) would then become one.
             check_unique((d.name.lower() for d in self.devices), "device (ignoring case)")
@@ -198,16 +138,85 @@ class Settings(Model):
                 check_unique((t.name.lower() for t in device.tags), f"{device.name}: tag (ignoring case)")
         return self
 
-    @property
-    def edge_node_id(self) -> str:
-        sparkplug = self.mqtt.sparkplug
-        return (sparkplug.edge_node_id if sparkplug else None) or self.gateway.id
+    def resolved_outputs(self) -> Iterator[tuple[tuple[str | int, ...], OutputSettings]]:
+        """Each output with its key path (`mqtt` for the shorthand, `outputs[i]`), with the
+        defaults that depend on the rest of the file filled in: the client id and a Sparkplug
+        output's edge node id (the gateway id)."""
+        gateway = self.gateway.id
+        if self.outputs is None:
+            assert self.mqtt is not None  # (see _consistent)
+            # The shorthand keeps the client id it always had: a broker that allows (an ACL)
+            # or remembers (a persistent session) the client by it sees no change.
+            yield (
+                ("mqtt",),
+                _defaults(
+                    OutputSettings(name=SHORTHAND, **dict(self.mqtt)), f"millwright-{gateway}", gateway
+                ),
+            )
+            return
+        for i, output in enumerate(self.outputs):
+            # One client id per output: two outputs to the same broker must not share one
+            # (the broker would disconnect each when the other connects), and naming each
+            # output is enough to keep them apart.
+            yield ("outputs", i), _defaults(output, f"millwright-{gateway}-{output.name}", gateway)
+
+
+def _defaults(output: OutputSettings, client_id: str, edge_node_id: str) -> OutputSettings:
+    update: dict[str, Any] = {}
+    if output.client_id is None:
+        update["client_id"] = client_id
+    if output.sparkplug is not None and output.sparkplug.edge_node_id is None:
+        update["sparkplug"] = output.sparkplug.model_copy(update={"edge_node_id": edge_node_id})
+    return output.model_copy(update=update) if update else output
+
+
+def _check_outputs(outputs: list[tuple[tuple[str | int, ...], OutputSettings]]) -> None:
+    """Raise ProblemAt for the first output that a broker could not tell from an earlier one."""
+    names: dict[str, str] = {}
+    sessions: dict[tuple[str, int, str | None], str] = {}
+    nodes: dict[tuple[str, int, str, str], str] = {}
+    for loc, output in outputs:
+        where = _key_path(loc)
+        if output.name in names:
+            raise ProblemAt((*loc, "name"), f"the output name {output.name!r} is used twice")
+        names[output.name] = where
+        broker = f"{shown(output.host)}:{output.port}"
+        session = (output.host, output.port, output.client_id)
+        if (first := sessions.setdefault(session, where)) != where:
+            raise ProblemAt(
+                loc,
+                f"the same broker ({broker}) and client id ({output.client_id!r}) as {first}: the broker "
+                "would disconnect one whenever the other connects; give one of them its own client_id",
+            )
+        sparkplug = output.sparkplug
+        if sparkplug is not None and sparkplug.edge_node_id is not None:
+            # Ignoring case, as for device names: some hosts fold it.
+            node = (output.host, output.port, sparkplug.group_id.lower(), sparkplug.edge_node_id.lower())
+            if (first := nodes.setdefault(node, where)) != where:
+                raise ProblemAt(
+                    loc,
+                    f"the same Sparkplug edge node as {first} (group {sparkplug.group_id!r}, edge node "
+                    f"{sparkplug.edge_node_id!r} on {broker}): the host would take the births and deaths "
+                    "of both for one node's; give one of them its own sparkplug.edge_node_id",
+                )
+
+
+class Settings(Model):
+    """The config the gateway runs, as load makes it of a ConfigFile: every output in
+    `outputs` (the mqtt: shorthand as the one output named mqtt), with its client id and (a
+    Sparkplug output) its edge node id filled in; relative paths resolved against the config
+    file's folder. Made by load only: the checks across sections are ConfigFile's."""
+
+    gateway: GatewaySettings
+    outbox: OutboxSettings
+    outputs: tuple[OutputSettings, ...] = Field(min_length=1, description="Every output, in file order.")
+    devices: list[Device] = Field(min_length=1, description="Devices to collect from.")
 
     @property
     def pki_dir(self) -> Path:
         return self.gateway.pki_dir or self.outbox.path.parent / "pki"
 
-    def asset(self, device: ModbusDevice | OpcUaDevice) -> AssetPath:
+    def asset(self, device: DeviceSettings) -> AssetPath:
         g, o = self.gateway, device.asset
         return AssetPath(
             o.enterprise or g.enterprise, o.site or g.site, o.area or g.area, o.line or g.line, device.name
@@ -280,7 +289,7 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
     if raw is None:
         raise ConfigError(file, ["the file is empty"])
     if not isinstance(raw, dict):
-        raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)"])
+        raise ConfigError(file, ["the top level must be a mapping (gateway:, outbox:, outputs:, devices:)"])
     missing: list[tuple[Any, ...]] = []
     try:
         expanded = _expand(raw, (), dict(os.environ) if env is None else env, missing)
@@ -290,12 +299,12 @@ def parse(text: str, file: str, env: dict[str, str] | None = None) -> Settings:
                 for *where, name in missing
             ]
             raise ConfigError(file, problems)
-        settings = Settings.model_validate(expanded)
+        doc = ConfigFile.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(err) for err in exc.errors()]) from None
     except RecursionError:  # hundreds of levels: YAML allows it, nothing here needs it
         raise ConfigError(file, ["nested too deeply"]) from None
-    return _resolve_files(settings, file)
+    return _resolve_files(doc, file)
 
 
 def _yaml_problem(exc: yaml.YAMLError | UnicodeEncodeError, text: str) -> str:
@@ -328,44 +337,56 @@ _FILES = {
     "ca": "the CA certificate file (PEM)",
     "cert": "the client certificate file (PEM)",
     "key": "the client private key file (PEM)",
-    "password_file": "the file whose first line is the password",
+    "password_file": SECRET_FILE,
 }
 
 
-def _resolve_files(settings: Settings, file: str) -> Settings:
+def _resolve_files(doc: ConfigFile, file: str) -> Settings:
     """Make relative paths relative to the config file (not to wherever the service
-    started), and check now that the files the MQTT connection will need are there and
-    load: a bad one found at `run` would stop the service with less to go on."""
+    started), and check now that the files each connection will need are there and load: a
+    bad one found at `run` would stop the service with less to go on."""
     base = Path(file).resolve().parent
     problems: list[str] = []
-    outbox = settings.outbox.model_copy(update={"path": _outbox_path(base, settings.outbox.path, problems)})
-    found: dict[str, Path] = {}
-    for key, what in _FILES.items():
-        value = getattr(settings.mqtt, key)
-        if value is not None:
-            found[key] = _file(base, value, f"mqtt.{key}", what, problems, secret=key == "password_file")
-    mqtt = settings.mqtt.model_copy(update=found)
-    missing = any(p.startswith(("mqtt.ca:", "mqtt.cert:", "mqtt.key:")) for p in problems)
-    if mqtt.tls and (mqtt.ca or mqtt.cert) and not missing:
-        try:
-            tls.client_context(mqtt, file)
-        except ConfigError as exc:
-            problems += exc.problems
-    devices = [_resolve_device(d, i, base, problems) for i, d in enumerate(settings.devices)]
+    outbox = doc.outbox.model_copy(update={"path": _outbox_path(base, doc.outbox.path, problems)})
+    outputs = tuple(
+        _resolve_output(output, _key_path(loc), base, file, problems)
+        for loc, output in doc.resolved_outputs()
+    )
+    devices = [PROTOCOLS[d.protocol].resolve_files(d, i, base, problems) for i, d in enumerate(doc.devices)]
     if problems:
         raise ConfigError(file, problems)
-    gateway = settings.gateway
+    gateway = doc.gateway
     if gateway.pki_dir is not None:
         gateway = gateway.model_copy(update={"pki_dir": base / gateway.pki_dir})
-    return settings.model_copy(
-        update={"outbox": outbox, "mqtt": mqtt, "gateway": gateway, "devices": devices}
-    )
+    return Settings(gateway=gateway, outbox=outbox, outputs=outputs, devices=devices)
+
+
+def _resolve_output(
+    output: OutputSettings, where: str, base: Path, file: str, problems: list[str]
+) -> OutputSettings:
+    """The output with its files relative to `base`, and its TLS files loaded (`where`: its
+    key path, for the problems)."""
+    found: dict[str, Path] = {}
+    for key, what in _FILES.items():
+        value = getattr(output, key)
+        if value is not None:
+            found[key] = resolve_file(
+                base, value, f"{where}.{key}", what, problems, secret=key == "password_file"
+            )
+    output = output.model_copy(update=found)
+    missing = any(p.startswith((f"{where}.ca:", f"{where}.cert:", f"{where}.key:")) for p in problems)
+    if output.tls and (output.ca or output.cert) and not missing:
+        try:
+            tls.client_context(output, file, where)
+        except ConfigError as exc:
+            problems += exc.problems
+    return output
 
 
 def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
     """The outbox file relative to the config file; a problem noted if it cannot be one (the
     gateway creates the file and its missing folders, so neither need exist yet)."""
-    path = base / _home(value)
+    path = base / home(value)
     if path.is_dir():
         problems.append(
             f"outbox.path: {shown(path)} is a directory; give the database file, "
@@ -378,90 +399,17 @@ def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:
     return path
 
 
-def _file(base: Path, value: Path, where: str, what: str, problems: list[str], *, secret: bool) -> Path:
-    """`value` relative to the config file's folder; a problem noted if it is missing, a
-    directory, or (for a secret) unreadable or empty."""
-    path = base / _home(value)
-    if path.is_dir():
-        problems.append(f"{where}: {shown(path)} is a directory; give {what}")
-    elif not path.is_file():
-        problems.append(f"{where}: no such file: {shown(path)}")
-    elif secret:
-        try:
-            if not path.read_text(encoding="utf-8").strip():
-                problems.append(f"{where}: the file is empty: {shown(path)}")
-        except OSError as exc:
-            problems.append(f"{where}: cannot read {shown(path)}: {exc.strerror or exc}")
-        except UnicodeDecodeError:
-            problems.append(f"{where}: {shown(path)} is not UTF-8 text")
-    return path
-
-
-def _home(path: Path) -> Path:
-    """`~` and `~user` expanded; left as written when there is no such home."""
-    try:
-        return path.expanduser()
-    except RuntimeError:  # ~nobody-here/x: the "no such file" that follows says enough
-        return path
-
-
-def _resolve_device(
-    device: ModbusDevice | OpcUaDevice, index: int, base: Path, problems: list[str]
-) -> ModbusDevice | OpcUaDevice:
-    """OPC UA files (password, trusted server certificate) relative to the config file."""
-    if not isinstance(device, OpcUaDevice):
-        return device
-    security = device.security
-    update: dict[str, Any] = {}
-    if security.password_file is not None:
-        where = f"devices[{index}].security.password_file"
-        what = _FILES["password_file"]
-        update["password_file"] = _file(base, security.password_file, where, what, problems, secret=True)
-    trusted = security.server_certificate
-    if trusted is not None and as_fingerprint(trusted) is None:
-        path = base / _home(Path(trusted))
-        problem = _server_certificate_problem(trusted, path)
-        if problem is not None:
-            problems.append(f"devices[{index}].security.server_certificate: {problem}")
-        update["server_certificate"] = str(path)
-    if not update:
-        return device
-    return device.model_copy(update={"security": security.model_copy(update=update)})
-
-
-def _server_certificate_problem(setting: str, path: Path) -> str | None:
-    """What is wrong with a server_certificate that is not a fingerprint, or None."""
-    if path.is_dir():
-        return None  # a trust directory may still be empty: `browse` and the log say what to copy in
-    if path.is_file():
-        # Imported here: it brings asyncua (0.7 s), which only such a config needs.
-        from gateway.collectors.opcua.security import certificate_fingerprints
-
-        try:
-            certificate_fingerprints(path)
-        except OSError as exc:
-            return f"cannot read {shown(path)}: {exc.strerror or exc}"
-        except ValueError:
-            return f"{shown(path)} is not a certificate (DER or PEM)"
-        return None
-    digits = setting.replace(":", "").replace(" ", "")
-    if digits and all(c in "0123456789abcdefABCDEF" for c in digits):
-        return (
-            f"{setting!r} looks like a SHA-256 fingerprint, with {len(digits)} hex digits where 64 "
-            "are needed (and no file or directory has that name)"
-        )
-    return (
-        f"no such file or directory: {shown(path)}; give the server certificate's SHA-256 fingerprint "
-        "(64 hex digits), its certificate file (DER or PEM), or a directory of trusted certificates"
-    )
-
-
 def _describe(err: Any) -> str:
     msg = str(err["msg"]).removeprefix("Value error, ")
+    error = err.get("ctx", {}).get("error")
+    if isinstance(error, ProblemAt):  # a check across keys, which names the key it is about
+        return f"{_key_path((*err['loc'], *error.loc))}: {msg}"
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see `millwright schema`)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+        if tuple(err["loc"]) == ("outputs",):
+            msg += f" (or {SHORTHAND}: for a single output)"
     elif err["type"] == "union_tag_invalid":
         protocol = err["input"].get("protocol") if isinstance(err["input"], dict) else None
         msg = f"unknown protocol {reprlib.repr(protocol)}; expected one of {', '.join(DEVICE_PROTOCOLS)}"
@@ -519,7 +467,8 @@ def load(path: str | Path) -> Settings:
 
 def schema() -> str:
     """The JSON Schema of the config file, as committed in config/schema.json."""
-    doc = Settings.model_json_schema(mode="validation")
+    doc = ConfigFile.model_json_schema(mode="validation")
+    del doc["description"]  # the model's docstring, which speaks to the code
     doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     doc["title"] = "Millwright gateway configuration"
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -31,9 +31,9 @@ def _settings(modbus_port: int, opcua: str, broker_url: str, version: str, outbo
         d.model_copy(update={"endpoint": opcua} if d.protocol == "opcua" else {"port": modbus_port})
         for d in settings.devices
     ]
-    mqtt_settings = settings.mqtt.model_copy(update={"url": broker_url, "version": version})
+    outputs = tuple(o.model_copy(update={"url": broker_url, "version": version}) for o in settings.outputs)
     outbox_settings = settings.outbox.model_copy(update={"path": outbox})
-    return settings.model_copy(update={"devices": devices, "mqtt": mqtt_settings, "outbox": outbox_settings})
+    return settings.model_copy(update={"devices": devices, "outputs": outputs, "outbox": outbox_settings})
 
 
 class _Watcher:

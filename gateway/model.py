@@ -9,9 +9,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 # A JSON-compatible value. Lists appear for OPC UA arrays.
 Value = bool | int | float | str | list["Value"] | None
+
+# What a tag's value is beyond its JSON form (the number 5 may be an int16 or a uint64), in
+# names of no protocol: each protocol maps its own types onto these (Modbus's are the same
+# names), and a format that types its metrics (Sparkplug B) maps these onto its own.
+Datatype = Literal[
+    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float32", "float64", "string", "datetime", "bytes",
+]  # fmt: skip
 
 
 class Quality(enum.Enum):

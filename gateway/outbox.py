@@ -1,16 +1,23 @@
 """The outbox: a durable, bounded FIFO of readings in SQLite (store and forward).
 
-Pollers append; one publisher leases the oldest rows, publishes them, and acks them once the
-broker has confirmed, or releases them to be leased again. A reading is safe from the moment
-`append` returns: it survives a broker outage and `kill -9`.
+Pollers append; each output leases the oldest rows past its own position, publishes them,
+and acks them once its broker has confirmed (which moves its position), or releases them to
+be leased again. A row is deleted once every output's position has passed it. A reading is
+safe from the moment `append` returns: it survives a broker outage and `kill -9`.
 
-Delivery is at-least-once: leases live in memory only, so after a restart every unacked row
-is leased again. `seq` is an AUTOINCREMENT row id, never reused, not even after every row was
-deleted, so a consumer can detect gaps and duplicates.
+Delivery is at-least-once: positions are saved with each ack, leases live in memory only, so
+after a restart each output leases again from its last acked row. `seq` is an AUTOINCREMENT
+row id, never reused, not even after every row was deleted, so a consumer can detect gaps and
+duplicates. An output added to the config starts at the oldest row in the file; one removed
+from it gives up its position at open, so that rows do not pile up for it.
 
-For a Sparkplug replay the consumer can split the rows in two lanes (`begin_replay`): the
-rows committed so far (history) and those committed later (live), leased separately so that
-a long backlog does not hold up live values.
+For a Sparkplug replay an output can split its rows in two lanes (`begin_replay`): the rows
+committed so far (history) and those committed later (live), leased separately so that a
+long backlog does not hold up live values.
+
+Each output has one batch out at a time in each lane, acked (or released) before it leases
+the next one in that lane, as the forwarding loops do: its position is then simply the end
+of its last acked batch.
 
 A full disk is a cap like `max_rows`, not a crash. The outbox keeps a reserve of free space
 (`_reserve`): below it, new rows must fit in pages the database already has (freed by acks or
@@ -34,8 +41,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +55,8 @@ from gateway.model import Batch, Entry, Quality, Reading, iso_millis
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop_oldest", "drop_newest")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one position per output (table output); 1 had a single consumer
+DEFAULT_OUTPUT = "mqtt"  # the output of a config with the `mqtt:` shorthand
 
 # The quality as a small int in the row; the tuple index is the stored code.
 _QUALITIES = (Quality.GOOD, Quality.UNCERTAIN, Quality.BAD)
@@ -97,6 +105,21 @@ CREATE TABLE IF NOT EXISTS reading (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta VALUES ('dropped', 0);
+-- position: every row up to it has been delivered to the output (or given up, counted in dropped)
+CREATE TABLE IF NOT EXISTS output (
+    name TEXT PRIMARY KEY, position INTEGER NOT NULL, dropped INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+-- The newest reading of each tag as of meta 'latest_seq' (saved at a clean stop; published
+-- rows are deleted, so the reading table alone would forget the values that went out).
+CREATE TABLE IF NOT EXISTS latest (
+    device TEXT NOT NULL, tag TEXT NOT NULL, value TEXT, quality INTEGER NOT NULL,
+    status INTEGER NOT NULL, source_time REAL, read_time REAL NOT NULL, unit TEXT,
+    PRIMARY KEY (device, tag)
+) WITHOUT ROWID;
+-- 'clean' is 1 after a clean stop (close), 0 while a gateway runs: a file found at 0 was not
+-- closed (kill -9, power cut) and is checked at open.
+INSERT OR IGNORE INTO meta VALUES ('clean', 0);
+INSERT OR IGNORE INTO meta VALUES ('latest_seq', 0);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 _INSERT = (
@@ -106,10 +129,27 @@ _INSERT = (
 _COLUMNS = "SELECT seq, device, tag, value, quality, status, source_time, read_time, unit FROM reading"
 _LEASE = f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?"
 _LEASE_UPTO = f"{_COLUMNS} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
-_NEWEST = f"{_COLUMNS} WHERE seq IN (SELECT max(seq) FROM reading GROUP BY device, tag) ORDER BY seq"
-_ACK = "DELETE FROM reading WHERE seq BETWEEN ? AND ?"
-_DROP_OLDEST = "DELETE FROM reading WHERE seq IN (SELECT seq FROM reading ORDER BY seq LIMIT ?)"
+_LATEST_COLUMNS = "device, tag, value, quality, status, source_time, read_time, unit"
+# The newest row of each tag among those after a seq: what the snapshot has not seen.
+_FOLD_LATEST = (
+    f"INSERT OR REPLACE INTO latest SELECT {_LATEST_COLUMNS} FROM reading"
+    " WHERE seq IN (SELECT max(seq) FROM reading WHERE seq > ? GROUP BY device, tag)"
+)
+_SAVE_LATEST = f"INSERT OR REPLACE INTO latest ({_LATEST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_READ_LATEST = f"SELECT 0, {_LATEST_COLUMNS} FROM latest ORDER BY read_time"
+_META = "SELECT value FROM meta WHERE key = ?"
+_SET_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
+_DELETE_UPTO = "DELETE FROM reading WHERE seq > ? AND seq <= ?"
+_NTH_OLDEST = "SELECT max(seq) FROM (SELECT seq FROM reading ORDER BY seq LIMIT ?)"
+_COUNT_BETWEEN = "SELECT count(*) FROM reading WHERE seq > ? AND seq <= ?"
+_COUNT_AFTER = "SELECT count(*) FROM reading WHERE seq > ?"
 _ADD_DROPPED = "UPDATE meta SET value = value + ? WHERE key = 'dropped'"
+_OUTPUTS = "SELECT name, position, dropped FROM output"
+_SAVE_POSITION = "UPDATE output SET position = ?, dropped = dropped + ? WHERE name = ?"
+_ADD_OUTPUT_DROPPED = "UPDATE output SET dropped = dropped + ? WHERE name = ?"
+_ADD_OUTPUT = "INSERT INTO output (name, position) VALUES (?, ?)"
+_REMOVE_OUTPUT = "DELETE FROM output WHERE name = ?"
+_OLDEST_SEQ = "SELECT min(seq) FROM reading"
 # Pages in use: what the rows occupy. Pages freed by deletes stay in the file for reuse.
 _USED_PAGES = (
     "SELECT (SELECT page_count FROM pragma_page_count())"
@@ -135,15 +175,72 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
+class OutputStats:
+    """One output's place in the outbox: the rows it has still to deliver (`depth`), the
+    readings it will never deliver (`dropped`: evicted before it sent them, or refused by its
+    broker), and the seq up to which it has delivered everything (`position`)."""
+
+    depth: int
+    dropped: int
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStats:
-    """A snapshot of the outbox. `bytes` is what its files take: the database (page count x
-    page size) and its WAL."""
+    """A snapshot of the outbox. `depth` counts the rows that at least one output still has to
+    deliver; `dropped` is the readings refused before they were stored plus every output's
+    drops; `bytes` is what its files take: the database (page count x page size) and its WAL."""
 
     depth: int
     oldest_age: float | None
     dropped: int
     bytes: int
     last_seq: int
+    outputs: Mapping[str, OutputStats] = field(default_factory=dict)
+
+
+class _Cursor:
+    """One output's place in the outbox. `position` is what the file has (every row up to it
+    was acked); the rest lives in memory and starts again from `position` after a restart."""
+
+    __slots__ = ("cursor", "done", "dropped", "live_acked", "live_cursor", "lost", "name", "position",
+                 "ready", "split")  # fmt: skip
+
+    def __init__(self, name: str, position: int, dropped: int) -> None:
+        self.name = name
+        self.position = position
+        self.dropped = dropped
+        self.cursor = position  # leased up to here (the history lane during a replay)
+        # During a replay (see begin_replay): the last history row; the live lane's lease and
+        # ack marks. Live rows acked during a replay wait in `done` (as seq ranges (lo, hi]) for
+        # the history before them: the position can only pass them after it.
+        self.split: int | None = None
+        self.live_cursor = self.live_acked = 0
+        self.done: list[tuple[int, int]] = []
+        # Rows up to this seq were evicted while leased: if that batch is released rather than
+        # acked, its evicted rows are lost to this output (counted then, not at eviction).
+        self.lost = 0
+        self.ready = asyncio.Event()  # set while there may be unleased rows
+
+    def unleased(self, upto: int) -> list[tuple[int, int]]:
+        """The seq ranges (lo, hi] up to `upto` that this output has neither leased nor acked."""
+        if self.split is None:
+            ranges = [(self.cursor, upto)]
+        else:
+            ranges = [(self.cursor, min(self.split, upto)), (self.live_cursor, upto)]
+        out: list[tuple[int, int]] = []
+        for start, hi in ranges:
+            lo = start
+            for d_lo, d_hi in self.done:  # (ranges already acked, ascending)
+                if d_lo >= hi:
+                    break
+                if d_hi > lo:
+                    if d_lo > lo:
+                        out.append((lo, d_lo))
+                    lo = max(lo, d_hi)
+            if hi > lo:
+                out.append((lo, hi))
+        return out
 
 
 class _Corrupt(Exception):
@@ -155,11 +252,12 @@ class _DiskFull(Exception):
 
 
 class Outbox:
-    """Durable bounded FIFO of readings, for many appenders and one consumer."""
+    """Durable bounded FIFO of readings, for many appenders and one consumer per output."""
 
     def __init__(
         self, db: aiosqlite.Connection, path: Path, *, state: tuple[int, int, int, int], lock: int,
-        max_rows: int, max_bytes: int | None, policy: str, clock: Callable[[], float],
+        outputs: Mapping[str, tuple[int, int]], max_rows: int, max_bytes: int | None, policy: str,
+        clock: Callable[[], float],
     ) -> None:  # fmt: skip
         """Use `Outbox.open`."""
         self._db = db
@@ -175,14 +273,19 @@ class Outbox:
         self._count, self._dropped, self._last_seq, self._page_size = state
         # One connection, so one transaction at a time: every use of it takes this lock.
         self._lock = asyncio.Lock()
-        # Lease bookkeeping: every row up to this seq has been handed to the consumer.
-        self._cursor = 0
-        # During a replay (see begin_replay): the last history row, and the live lane's cursor.
-        self._split: int | None = None
-        self._live_cursor = 0
-        self._ready = asyncio.Event()  # set while there may be unleased rows
-        if self._count:
-            self._ready.set()
+        # Each output's place (name -> (position, dropped) as the file has them).
+        self._outputs = {name: _Cursor(name, *saved) for name, saved in outputs.items()}
+        for out in self._outputs.values():
+            if out.position < self._last_seq:
+                out.ready.set()
+        # Rows up to the lowest position have been deleted (every output has them).
+        self._floor = min(out.position for out in self._outputs.values())
+        # Per output, readings the transaction under way gives up (see _delete_oldest).
+        self._losing: dict[str, int] = {}
+        self._evicted_upto = 0  # and the last seq it evicted
+        self._after_commit: list[Callable[[], None]] = []  # in-memory changes that await its commit
+        # The newest reading of each tag appended since open (saved into `latest` at close).
+        self._newest: dict[tuple[str, str], Reading] = {}
         # File-size estimate between measurements (see _used_bytes).
         self._used = 0
         self._measured_count = 0
@@ -191,6 +294,7 @@ class Outbox:
         # The current "outbox full" episode, if any.
         self._full_since: float | None = None
         self._full_dropped = 0
+        self._episode_losses: dict[str, int] = {}  # per output, in this episode (several outputs)
         # Drops counted while the disk was too full to store the count: saved with the next write.
         self._unsaved_dropped = 0
         self._reserve = 2 * self.wal_limit + _RESERVE_MARGIN
@@ -205,8 +309,12 @@ class Outbox:
         max_bytes: int | None = None,
         policy: str = "drop_oldest",
         clock: Callable[[], float] = time.time,
+        *,
+        outputs: Sequence[str] = (DEFAULT_OUTPUT,),
     ) -> Outbox:
-        """Open (or create) the outbox at `path`; a corrupt file is moved aside, not fatal.
+        """Open (or create) the outbox at `path` for `outputs` (their names); a corrupt file is
+        moved aside, not fatal. An output the file does not know yet starts at its oldest row;
+        one it knows that is not in `outputs` is removed (logged).
 
         Raises OutboxError when the file cannot be used at all (missing directory, no
         permission, locked, or written by a newer schema).
@@ -215,6 +323,8 @@ class Outbox:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
+        if not outputs or len(set(outputs)) != len(outputs):
+            raise ValueError("outputs must be one or more distinct names")
         lock = _lock(path)
         try:
             db = await _connect_when_there_is_room(path, clock)
@@ -222,11 +332,13 @@ class Outbox:
             os.close(lock)
             raise
         try:
+            positions = await _sync_outputs(db, path, outputs)
             count, dropped, last_seq, page_size = next(iter(await db.execute_fetchall(_STATE)))
+            await _mark_open(db, path, last_seq or 0)
             state = (count, dropped, last_seq or 0, page_size)
             outbox = cls(
-                db, path, state=state, lock=lock, max_rows=max_rows, max_bytes=max_bytes, policy=policy,
-                clock=clock,
+                db, path, state=state, lock=lock, outputs=positions, max_rows=max_rows,
+                max_bytes=max_bytes, policy=policy, clock=clock,
             )  # fmt: skip
             # Checkpoint at the WAL's limit, and truncate it back to the limit after a burst.
             await db.execute(f"PRAGMA wal_autocheckpoint = {max(outbox.wal_limit // page_size, 1)}")
@@ -244,17 +356,17 @@ class Outbox:
     async def append(self, readings: Sequence[Reading]) -> None:
         """Store readings in one transaction; when this returns they survive a process kill.
 
-        When the outbox is full the policy applies: drop_oldest deletes the oldest rows (even
-        leased ones: their ack then deletes nothing), drop_newest refuses the readings beyond
-        the cap. Every drop is counted in `stats().dropped` and logged once per episode.
+        When the outbox is full the policy applies: drop_oldest deletes the oldest rows (each
+        output loses those it has not leased; a leased one it still delivers), drop_newest
+        refuses the readings beyond the cap. Every drop is counted in `stats().dropped` (and
+        the output's) and logged once per episode.
         """
         if not readings:
             return
-        rows: list[_Row] = [
-            (r.device, r.tag, None if r.value is None else _encode(r.value), _QUALITY_CODE[r.quality],
-             r.status, r.source_time, r.read_time, r.unit)
-            for r in readings
-        ]  # fmt: skip
+        newest = self._newest
+        for r in readings:
+            newest[r.device, r.tag] = r
+        rows = _to_rows(readings)
         # Shielded: a caller cancelled mid-commit must not leave the transaction done but the
         # in-memory counters that mirror it stale; close() waits for it through the lock.
         await asyncio.shield(self._append(rows))
@@ -279,11 +391,13 @@ class Outbox:
             # Committed. One writer and AUTOINCREMENT: the new rows took the next `stored` seqs.
             self._count += stored - evicted
             self._last_seq += stored
-            self._dropped += refused + evicted
+            lost = self._count_losses()
+            self._dropped += refused
             if stored:
-                self._ready.set()
+                for out in self._outputs.values():
+                    out.ready.set()
             if refused or evicted:
-                self._note_dropped(refused + evicted, self._disk_reason() if disk_full else None)
+                self._note_dropped(refused + lost, self._disk_reason() if disk_full else None)
             elif self._full_since is not None and await self._has_room():
                 self._end_episode()
 
@@ -310,8 +424,8 @@ class Outbox:
             await self._db.executemany(_INSERT, rows)
         if self._policy == "drop_oldest":
             evicted += await self._evict(self._count - evicted + len(rows))
-        if refused or evicted:
-            await self._db.execute(_ADD_DROPPED, (refused + evicted,))
+        if refused:
+            await self._db.execute(_ADD_DROPPED, (refused,))
         return len(rows), evicted, refused, disk_full
 
     async def _fit(self, rows: list[_Row]) -> tuple[int, int]:
@@ -366,6 +480,9 @@ class Outbox:
         being saved. If SQLite finds the disk full: checkpoint (a WAL that can start over
         again is room), then once more with `work(True)`. Raises _DiskFull when that fails too."""
         for retry in (False, True):
+            self._losing.clear()  # (counted again if the work runs again)
+            self._evicted_upto = 0
+            self._after_commit.clear()
             try:
                 async with self._transaction(what):
                     if self._unsaved_dropped:
@@ -377,6 +494,9 @@ class Outbox:
                 await self._checkpoint()
                 continue
             self._unsaved_dropped = 0
+            for apply in self._after_commit:
+                apply()
+            self._after_commit.clear()
             if self._stuck:
                 self._stuck = False
                 log.info("outbox %s: writing again", self.path)
@@ -408,7 +528,46 @@ class Outbox:
         return evicted
 
     async def _delete_oldest(self, n: int) -> int:
-        return (await self._db.execute(_DROP_OLDEST, (n,))).rowcount
+        """Evict the oldest `n` rows, inside a transaction. Each output loses those it had not
+        leased yet (counted in `_losing`, saved in this transaction); those it has leased it
+        still delivers, unless it releases them (see release)."""
+        db = self._db
+        ((last,),) = await db.execute_fetchall(_NTH_OLDEST, (n,))
+        if last is None:
+            return 0
+        for out in self._outputs.values():
+            lost = 0
+            for lo, hi in out.unleased(last):
+                ((k,),) = await db.execute_fetchall(_COUNT_BETWEEN, (lo, hi))
+                lost += k
+            if lost:
+                self._losing[out.name] = self._losing.get(out.name, 0) + lost
+                await db.execute(_ADD_OUTPUT_DROPPED, (lost, out.name))
+                await db.execute(_ADD_DROPPED, (lost,))
+        self._evicted_upto = last
+        deleted: int = (await db.execute(_DELETE_UPTO, (self._floor, last))).rowcount
+        return deleted
+
+    def _count_losses(self) -> int:
+        """After a commit: add the losses it saved to each output's count; their total."""
+        if self._evicted_upto:
+            for out in self._outputs.values():
+                out.lost = max(out.lost, self._evicted_upto)
+            self._evicted_upto = 0
+        total = 0
+        for name, n in self._losing.items():
+            self._outputs[name].dropped += n
+            total += n
+            if len(self._outputs) > 1:
+                # With several outputs, say which fell behind: once per output and episode.
+                lost = self._episode_losses.get(name, 0)
+                if not lost:
+                    log.warning("outbox %s: output %s is so far behind that the cap evicts readings it has "
+                                "not sent; they count as its drops", self.path, name)  # fmt: skip
+                self._episode_losses[name] = lost + n
+        self._dropped += total
+        self._losing.clear()
+        return total
 
     async def _used_bytes(self, count: int) -> int:
         """Bytes the rows use: an estimate far below max_bytes (saves a query per append), else measured."""
@@ -434,87 +593,138 @@ class Outbox:
         return self._last_seq
 
     @property
-    def replaying(self) -> bool:
-        """Whether a replay's history lane still has rows to lease."""
-        return self._split is not None
+    def outputs(self) -> list[str]:
+        """The names of the outputs, as given to `open`."""
+        return list(self._outputs)
 
-    def begin_replay(self) -> int:
-        """Split the rows in two lanes and return the boundary seq: rows committed until now
-        (and not yet leased) are history, leased by `lease(n)`; later rows are live, leased
-        by `lease(n, live=True)`. When the history lane runs dry the lanes merge back into
-        one FIFO. A replay begun during another extends the history lane to now.
+    def _out(self, output: str) -> _Cursor:
+        try:
+            return self._outputs[output]
+        except KeyError:
+            raise ValueError(f"outbox {self.path} has no output {output!r}") from None
 
-        Call it with no batch leased (between batches): a leased batch that is released
-        afterwards is leased again in whichever lane its rows fall."""
+    def replaying(self, output: str) -> bool:
+        """Whether `output`'s replay has history left (its lanes have not merged yet)."""
+        return self._out(output).split is not None
+
+    def begin_replay(self, output: str) -> int:
+        """Split `output`'s rows in two lanes and return the boundary seq: rows committed until
+        now (and not yet leased) are history, leased by `lease(output, n)`; later rows are live,
+        leased by `lease(output, n, live=True)`. When the history lane is empty the lanes merge
+        back into one FIFO. A replay begun during another extends the history lane to now.
+
+        Call it with no batch of `output` leased (between batches): a leased batch that is
+        released afterwards is leased again in whichever lane its rows fall."""
+        out = self._out(output)
         boundary = self._last_seq
-        # With no batch leased, every live row up to the live cursor has been acked (deleted):
-        # extending the history lane over them leases nothing twice.
-        if self._cursor < boundary:
-            self._split = self._live_cursor = boundary
-        else:
-            self._split = None
+        if out.cursor >= boundary:
+            out.split = None  # nothing unleased: nothing to replay
+            return boundary
+        if out.split is not None and out.live_acked > out.split:
+            # The live rows acked so far are inside the new history lane: not leased again.
+            out.done.append((out.split, out.live_acked))
+        out.split = out.live_cursor = out.live_acked = boundary
         return boundary
 
-    async def lease(self, n: int, *, live: bool = False) -> Batch:
-        """The oldest `n` rows not currently leased, in seq order; may be empty. One consumer.
+    async def lease(self, output: str, n: int, *, live: bool = False) -> Batch:
+        """The oldest `n` rows past `output`'s position that it has not leased, in seq order;
+        may be empty.
 
         During a replay, the oldest of the history lane, or with `live=True` of the live
         lane; otherwise `live` makes no difference."""
         if n < 1:
             raise ValueError("lease at least one row")  # SQLite reads LIMIT -1 as "no limit"
+        out = self._out(output)
         async with self._lock:
-            split = self._split
-            live_lane = split is not None and live
             try:
-                if split is None:
-                    rows = await self._db.execute_fetchall(_LEASE, (self._cursor, n))
-                elif live_lane:
-                    rows = await self._db.execute_fetchall(_LEASE, (self._live_cursor, n))
-                else:
-                    rows = await self._db.execute_fetchall(_LEASE_UPTO, (self._cursor, split, n))
+                if out.split is not None and live:
+                    entries = _entries(await self._db.execute_fetchall(_LEASE, (out.live_cursor, n)))
+                    if entries:
+                        out.live_cursor = entries[-1].seq
+                    return Batch(entries)
+                entries = await self._lease_in_order(out, n)
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot lease: {exc}") from exc
-            entries = _entries(rows)
-            if live_lane:
-                if entries:
-                    self._live_cursor = entries[-1].seq
-                return Batch(entries)
-            if entries:
-                self._cursor = entries[-1].seq
-            if split is not None and len(entries) < n:
-                # History is all leased: one FIFO again, continuing after the live lane.
-                self._split = None
-                self._cursor = max(self._cursor, self._live_cursor)
-            if self._split is None and (len(entries) < n or self._cursor >= self._last_seq):
-                self._ready.clear()
+            if out.split is not None and len(entries) < n:
+                await self._merge(out, leased=bool(entries))
+            if out.split is None and out.cursor >= self._last_seq:
+                out.ready.clear()
             return Batch(entries)
 
+    async def _lease_in_order(self, out: _Cursor, n: int) -> list[Entry]:
+        """The next rows of the FIFO (or of the history lane), over the ranges acked already."""
+        entries: list[Entry] = []
+        while len(entries) < n:
+            skip = next(((lo, hi) for lo, hi in out.done if hi > out.cursor), None)
+            if skip is not None and skip[0] <= out.cursor:
+                out.cursor = skip[1]
+                continue
+            bounds = [b for b in (out.split, None if skip is None else skip[0]) if b is not None]
+            want = n - len(entries)
+            if bounds:
+                rows = await self._db.execute_fetchall(_LEASE_UPTO, (out.cursor, min(bounds), want))
+            else:
+                rows = await self._db.execute_fetchall(_LEASE, (out.cursor, want))
+            got = _entries(rows)
+            entries += got
+            if got:
+                out.cursor = got[-1].seq
+            if len(got) == want:
+                break
+            if skip is not None and (out.split is None or skip[0] < out.split):
+                out.cursor = skip[1]  # up to the acked range: on after it
+                continue
+            if out.split is None:
+                out.cursor = max(out.cursor, self._last_seq)  # nothing more: the FIFO is all leased
+            break
+        return entries
+
+    async def _merge(self, out: _Cursor, *, leased: bool) -> None:
+        """The history lane is all leased: one FIFO again, continuing after the live lane. Its
+        last batch is out if `leased`; its ack then moves the position over the live rows acked
+        meanwhile. Otherwise (one batch at a time) the history was all acked or evicted."""
+        assert out.split is not None
+        split, out.split = out.split, None
+        if out.live_acked > split:
+            out.done.append((split, out.live_acked))
+        out.cursor = max(out.cursor, out.live_cursor)
+        if not leased:
+            # Saved now, not at the next ack: the live rows acked during the replay may be all
+            # there is, and rows are deleted once every position has passed them.
+            with contextlib.suppress(_DiskFull):
+                await self._write(
+                    "save a position", lambda retry: self._advance(out, max(out.position, split), 0)
+                )
+
     async def newest(self) -> list[Reading]:
-        """The newest stored reading of each (device, tag), oldest first: what a publisher that
-        announces current values (Sparkplug births) knows after a restart. Reads every row."""
+        """The newest reading of each (device, tag) the outbox was given, published or not, in
+        this run or before it (kept across a restart): what a publisher that announces current
+        values (Sparkplug births) knows. One row per tag is read, not the backlog."""
         async with self._lock:
             try:
-                rows = await self._db.execute_fetchall(_NEWEST)
+                rows = await self._db.execute_fetchall(_READ_LATEST)
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read: {exc}") from exc
-        return [entry.reading for entry in _entries(rows)]
+        saved = {(e.reading.device, e.reading.tag): e.reading for e in _entries(rows)}
+        return list({**saved, **self._newest}.values())
 
-    async def wait(self) -> None:
-        """Return when there are unleased rows (at once if there are)."""
-        await self._ready.wait()
+    async def wait(self, output: str) -> None:
+        """Return when `output` may have unleased rows (at once if it has)."""
+        await self._out(output).ready.wait()
 
-    async def ack(self, batch: Batch, *, refused: int = 0) -> None:
-        """Delete the batch's rows: the broker has confirmed them, or refused `refused` of
-        them for good (those are counted as dropped).
+    async def ack(self, output: str, batch: Batch, *, refused: int = 0) -> None:
+        """`output` has delivered the batch: its broker confirmed it, or refused `refused` of
+        its readings for good (those are counted as dropped for it). Acks come in lease order.
+        Rows every output has acked are deleted.
 
-        On a full disk the delete is tried again until it goes through (publishing waits
+        On a full disk the write is tried again until it goes through (publishing waits
         meanwhile: nothing it sends could be acked either); cancelled meanwhile, the rows stay
         and are published again after a restart (at-least-once)."""
         if not batch.entries:
             return
-        first, last = batch.entries[0].seq, batch.last_seq
+        out = self._out(output)
         retry = Backoff(initial=0.1, cap=2.0)  # between tries while the disk is full
-        while not await asyncio.shield(self._ack(first, last, refused)):
+        while not await asyncio.shield(self._ack(out, batch.entries[0].seq, batch.last_seq, refused)):
             if retry.attempts == 0:
                 log.warning("outbox %s: %s: published readings are deleted once there is room",
                             self.path, self._disk_reason())  # fmt: skip
@@ -522,49 +732,100 @@ class Outbox:
         if retry.attempts:
             log.info("outbox %s: deleting published readings again", self.path)
 
-    async def _ack(self, first: int, last: int, refused: int) -> bool:
-        """One try at the delete; False if the disk was too full for it."""
+    async def _ack(self, out: _Cursor, first: int, last: int, refused: int) -> bool:
+        """One try at the write; False if the disk was too full for it."""
         async with self._lock:
-
-            async def delete(retry: bool) -> int:
-                # The batch is a seq range: one consumer leases in order. Rows in it that
-                # drop_oldest already deleted are simply not there any more.
-                cursor = await self._db.execute(_ACK, (first, last))
-                if refused:
-                    await self._db.execute(_ADD_DROPPED, (refused,))
-                return cursor.rowcount
-
+            live = out.split is not None and first > out.split
+            if live:
+                # A live row during a replay: the position waits for the history before it.
+                out.live_acked = max(out.live_acked, last)
+                if not refused:
+                    return True
+                position = out.position
+            else:
+                position = max(out.position, last)
             try:
-                deleted = await self._write("ack", delete)
+                await self._write("ack", lambda retry: self._advance(out, position, refused))
             except _DiskFull:
                 return False
-            self._count -= deleted
-            self._dropped += refused
             if self._full_since is not None and await self._has_room():
                 self._end_episode()
             return True
 
-    async def release(self, batch: Batch) -> None:
-        """Un-lease the batch: its rows, and any leased after them, are leased again, first."""
-        if batch.entries:
-            async with self._lock:
-                first = batch.entries[0].seq
-                if self._split is not None and first > self._split:
-                    self._live_cursor = min(self._live_cursor, first - 1)
-                else:
-                    self._cursor = min(self._cursor, first - 1)
-                self._ready.set()
+    async def _advance(self, out: _Cursor, position: int, refused: int) -> None:
+        """Inside a transaction: save `out`'s position (folding the acked ranges it reaches) and
+        its refusals, and delete the rows every output now has. In memory after the commit."""
+        done = list(out.done)
+        while done and done[0][0] <= position:
+            position = max(position, done.pop(0)[1])
+        await self._db.execute(_SAVE_POSITION, (position, refused, out.name))
+        if refused:
+            await self._db.execute(_ADD_DROPPED, (refused,))
+        floor = min(position if o is out else o.position for o in self._outputs.values())
+        deleted = 0
+        if floor > self._floor:
+            deleted = (await self._db.execute(_DELETE_UPTO, (self._floor, floor))).rowcount
+        self._after_commit.append(lambda: self._moved(out, (position, done), refused, (floor, deleted)))
+
+    def _moved(
+        self, out: _Cursor, place: tuple[int, list[tuple[int, int]]], refused: int, freed: tuple[int, int]
+    ) -> None:
+        (position, done), (floor, deleted) = place, freed
+        out.position, out.done = position, done
+        out.cursor = max(out.cursor, position)
+        out.dropped += refused
+        self._dropped += refused
+        if floor > self._floor:
+            self._floor = floor
+            self._count -= deleted
+
+    async def release(self, output: str, batch: Batch) -> None:
+        """Un-lease the batch: its rows, and any leased after them in its lane, are leased again,
+        first. Those the cap evicted meanwhile are gone: counted as dropped for `output`."""
+        if not batch.entries:
+            return
+        out = self._out(output)
+        async with self._lock:
+            first = batch.entries[0].seq
+            # Never back over what was acked: a batch is released whole after its confirmed
+            # prefix was acked, and those rows may still be in the file for other outputs.
+            if out.split is not None and first > out.split:
+                acked = out.live_acked
+                out.live_cursor = max(acked, min(out.live_cursor, first - 1))
+            else:
+                acked = out.position
+                out.cursor = max(acked, min(out.cursor, first - 1))
+            out.ready.set()
+            gone = sum(1 for e in batch.entries if acked < e.seq <= out.lost)
+            if gone:
+
+                async def count(retry: bool) -> None:
+                    await self._db.execute(_ADD_OUTPUT_DROPPED, (gone, out.name))
+                    await self._db.execute(_ADD_DROPPED, (gone,))
+
+                try:
+                    await self._write("count dropped readings", count)
+                except _DiskFull:
+                    self._unsaved_dropped += gone  # (the total only: the output's is in memory)
+                out.dropped += gone
+                self._dropped += gone
+                self._note_dropped(gone)
 
     async def stats(self) -> OutboxStats:
-        """Depth, age of the oldest row, total drops, file size and the last seq handed out."""
+        """Depth, age of the oldest row, total drops, file size, the last seq handed out, and
+        each output's depth, drops and position (a count of its rows: O(its depth))."""
         async with self._lock:
             try:
                 oldest, pages = next(iter(await self._db.execute_fetchall(_OLDEST_AND_PAGES)))
+                outputs = {}
+                for out in self._outputs.values():
+                    ((depth,),) = await self._db.execute_fetchall(_COUNT_AFTER, (out.position,))
+                    outputs[out.name] = OutputStats(depth, out.dropped, out.position)
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read stats: {exc}") from exc
         age = None if oldest is None else self._clock() - oldest
         size = pages * self._page_size + _size(self._wal)
-        return OutboxStats(self._count, age, self._dropped, size, self._last_seq)
+        return OutboxStats(self._count, age, self._dropped, size, self._last_seq, outputs)
 
     async def close(self) -> None:
         """Wait for a write in progress, report an unfinished full episode, close the file.
@@ -574,6 +835,10 @@ class Outbox:
                 return
             if self._full_since is not None:
                 self._end_episode()
+            # The newest values and the clean mark: with them the next open skips the check of
+            # the whole file. Not saved (a full disk), the next open checks it and rebuilds them.
+            with contextlib.suppress(_DiskFull, OutboxError):
+                await self._write("save the newest values", self._save_newest)
             if self._unsaved_dropped:
                 with contextlib.suppress(_DiskFull, OutboxError):
                     await self._write("save the drop count", _nothing)
@@ -646,11 +911,28 @@ class Outbox:
 
     def _end_episode(self) -> None:
         assert self._full_since is not None
+        outputs = ", ".join(f"{name} {n}" for name, n in self._episode_losses.items())
         log.warning(
-            "outbox full: dropped %d readings (policy %s) since %s",
+            "outbox full: dropped %d readings (policy %s) since %s%s",
             self._full_dropped, self._policy, iso_millis(self._full_since),
+            f" (outputs that had not sent them: {outputs})" if outputs else "",
         )  # fmt: skip
         self._full_since, self._full_dropped = None, 0
+        self._episode_losses.clear()
+
+    async def _save_newest(self, retry: bool) -> None:
+        await self._db.executemany(_SAVE_LATEST, _to_rows(self._newest.values()))
+        await self._db.execute(_SET_META, ("latest_seq", self._last_seq))
+        await self._db.execute(_SET_META, ("clean", 1))
+
+
+def _to_rows(readings: Iterable[Reading]) -> list[_Row]:
+    """Readings as rows of the reading table (one comprehension: it runs for every reading)."""
+    return [
+        (r.device, r.tag, None if r.value is None else _encode(r.value), _QUALITY_CODE[r.quality],
+         r.status, r.source_time, r.read_time, r.unit)
+        for r in readings
+    ]  # fmt: skip
 
 
 async def _nothing(retry: bool) -> None:
@@ -731,6 +1013,72 @@ async def _connect_when_there_is_room(path: Path, clock: Callable[[], float]) ->
         if backoff.attempts:
             log.info("outbox %s opened: the disk has room again", path)
         return db
+
+
+async def _meta(db: aiosqlite.Connection, key: str) -> int | None:
+    rows = list(await db.execute_fetchall(_META, (key,)))
+    return int(rows[0][0]) if rows else None
+
+
+async def _mark_open(db: aiosqlite.Connection, path: Path, last_seq: int) -> None:
+    """Note in the file that a gateway has it open (see 'clean'); after a stop that was not
+    clean, first bring the newest-value snapshot up to date from the rows left."""
+    try:
+        if await _meta(db, "clean") != 1:
+            await db.execute(_FOLD_LATEST, (await _meta(db, "latest_seq") or 0,))
+            await db.execute(_SET_META, ("latest_seq", last_seq))
+        await db.execute(_SET_META, ("clean", 0))
+        await db.commit()
+    except sqlite3.Error as exc:
+        await db.rollback()
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+            raise
+        # On a full disk the gateway still starts; if it is then killed, the flag may still say
+        # clean and the next start skip its quick_check (SQLite still reports damage it meets).
+        log.debug("outbox %s: cannot mark the file open: %s", path, exc)
+
+
+async def _sync_outputs(
+    db: aiosqlite.Connection, path: Path, outputs: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """Make the file's outputs those configured: a new one starts at the oldest row (it gets
+    what is buffered: after a rename, nothing is lost), a removed one gives up its position
+    and the rows only it was waiting for are deleted. Each output's (position, dropped)."""
+    known = {name: (position, dropped) for name, position, dropped in await db.execute_fetchall(_OUTPUTS)}
+    new = [name for name in outputs if name not in known]
+    gone = [name for name in known if name not in outputs]
+    if not new and not gone:
+        return known
+    (oldest,) = next(iter(await db.execute_fetchall(_OLDEST_SEQ)))
+    rows = await db.execute_fetchall(_LAST_SEQ_SOURCES[0])
+    last_seq = next(iter(rows))[0] if rows else 0
+    start = oldest - 1 if oldest is not None else last_seq
+    before = min((position for position, _ in known.values()), default=start)
+    try:
+        for name in new:
+            await db.execute(_ADD_OUTPUT, (name, start))
+            known[name] = (start, 0)
+        released: dict[str, tuple[int, int]] = {}
+        for name in gone:
+            ((unsent,),) = await db.execute_fetchall(_COUNT_AFTER, (known[name][0],))
+            released[name] = (known.pop(name)[0], unsent)
+            await db.execute(_REMOVE_OUTPUT, (name,))
+        floor = min(position for position, _ in known.values())
+        if floor > before:
+            await db.execute(_DELETE_UPTO, (before, floor))
+        await db.commit()
+    except BaseException:
+        await db.rollback()
+        raise
+    if oldest is not None or gone:  # (a new, empty file has nothing to say)
+        for name in new:
+            log.info("outbox %s: new output %s starts with the readings buffered now (after seq %d)",
+                     path, name, start)  # fmt: skip
+    for name, (position, unsent) in released.items():
+        log.warning("outbox %s: output %s is no longer configured: its position (seq %d) is released, "
+                    "and the %d reading(s) it had not delivered are no longer kept for it", path, name,
+                    position, unsent)  # fmt: skip
+    return known
 
 
 def _entries(rows: Iterable[Sequence[Any]]) -> list[Entry]:
@@ -824,14 +1172,16 @@ async def _prepare(path: Path) -> aiosqlite.Connection:
     sqlite3.connect(path).close()
     db = await aiosqlite.connect(path)
     try:
-        # quick_check reads every page, O(file size): 0.2 s for a million rows (49 MB, warm
-        # cache), more from a cold SD card; paid once at start, it catches a damaged file here.
-        (check,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
-        if check != "ok":
-            raise _Corrupt(f"quick_check: {check}")
         (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
         if version > SCHEMA_VERSION:
             raise OutboxError(f"outbox {path}: schema version {version} is newer than this gateway's")
+        # quick_check reads every page, O(file size): 0.2 s for a million rows (49 MB, warm
+        # cache), seconds from a cold SD card. Only a file that was not closed cleanly (a kill,
+        # a power cut, a crash) can be damaged by how it was left, so only such a file is checked.
+        if version > 0 and not (version >= 2 and await _meta(db, "clean") == 1):
+            (check,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
+            if check != "ok":
+                raise _Corrupt(f"quick_check: {check}")
         await db.execute("PRAGMA journal_mode = WAL")
         # synchronous=NORMAL in WAL mode: a commit is in the OS page cache when append returns,
         # so it survives a process crash or kill -9; only an OS crash or power cut can lose the
@@ -884,7 +1234,14 @@ def read_stats(path: Path) -> OutboxStats:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
             count, dropped, last_seq, page_size = db.execute(_STATE).fetchone()
             oldest, pages = db.execute(_OLDEST_AND_PAGES).fetchone()
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            outputs = {}
+            if version >= 2:  # (a file of schema 1 had one consumer and no positions)
+                for name, position, lost in db.execute(_OUTPUTS).fetchall():
+                    (depth,) = db.execute(_COUNT_AFTER, (position,)).fetchone()
+                    outputs[name] = OutputStats(depth, lost, position)
     except sqlite3.Error as exc:
         raise OutboxError(f"{path}: cannot read the outbox: {exc}") from exc
     age = None if oldest is None else time.time() - oldest
-    return OutboxStats(count, age, dropped, pages * page_size + _size(Path(f"{path}-wal")), last_seq or 0)
+    size = pages * page_size + _size(Path(f"{path}-wal"))
+    return OutboxStats(count, age, dropped, size, last_seq or 0, outputs)

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from gateway.backoff import Backoff
 from gateway.collectors import Collector
 from gateway.errors import DeviceError, DeviceTimeout
 from gateway.model import Reading, Status
 from gateway.settings_types import RECONNECT_START
+from gateway.state import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +23,18 @@ Sink = Callable[[list[Reading]], Awaitable[None]]
 RECONNECT_MAX = 10.0
 
 
-@dataclass(slots=True)
-class PollStats:
-    """Counters of one poller, for status and tests."""
-
-    cycles: int = 0
-    missed: int = 0  # ticks skipped because a read overran its interval
-    failures: int = 0  # connection losses and failed connects
-
-
 class _Outage:
     """Whether a device is down, so that each change is logged and reported once.
 
     A device counts as back only after a read succeeded: one that accepts the TCP
     connection and then drops it is still down, and must not log "recovered" per retry.
-    Likewise "connected" is logged after the first good read of each connection.
+    Likewise "connected" is logged after the first good read of each connection, and
+    noted in the device's `state` then.
     """
 
-    def __init__(self, device: str) -> None:
-        self.device = device
+    def __init__(self, state: DeviceState) -> None:
+        self.device = state.name
+        self.state = state
         self.since: float | None = None
         self.announced = False  # "connected" logged for the current connection
 
@@ -56,6 +49,7 @@ class _Outage:
     def connected(self, collector: Collector) -> None:
         if not self.announced:
             self.announced = True
+            self.state.connected(time.time())
             log.info("device %s connected (%s)", self.device, collector.summary())
 
     def end(self) -> None:
@@ -70,7 +64,7 @@ async def poll(
     sink: Sink,
     *,
     backoff: Backoff | None = None,
-    stats: PollStats | None = None,
+    state: DeviceState | None = None,
     on_down: Callable[[str], None] | None = None,
 ) -> None:
     """Read `collector` every `every` seconds forever, handing readings to `sink`.
@@ -78,18 +72,19 @@ async def poll(
     When the device becomes unreachable its tags are reported Bad once (not on every
     retry), then `on_down(name)` is called (the Sparkplug node's DDEATH), and the poller
     reconnects with backoff. The next readings after that mean it is back. Runs until
-    cancelled.
+    cancelled. `state` (the device's entry in the gateway's `State`) is kept current: up or
+    down, the last error and the counters.
     """
     backoff = backoff or Backoff(initial=RECONNECT_START, cap=RECONNECT_MAX)
-    stats = stats or PollStats()
-    outage = _Outage(collector.name)
+    state = state or DeviceState(collector.name)
+    outage = _Outage(state)
     while True:
         try:
             outage.announced = False
             await collector.connect()
-            await _read_forever(collector, every, sink, stats=stats, backoff=backoff, outage=outage)
+            await _read_forever(collector, every, sink, state=state, backoff=backoff, outage=outage)
         except DeviceError as exc:
-            stats.failures += 1
+            state.failed(exc.reason, time.time())
             if outage.begin(exc.reason):
                 timeout = isinstance(exc, DeviceTimeout)
                 status = Status.BAD_TIMEOUT if timeout else Status.BAD_COMMUNICATION_ERROR
@@ -103,7 +98,7 @@ async def poll(
 
 
 async def _read_forever(
-    collector: Collector, every: float, sink: Sink, *, stats: PollStats, backoff: Backoff, outage: _Outage
+    collector: Collector, every: float, sink: Sink, *, state: DeviceState, backoff: Backoff, outage: _Outage
 ) -> None:
     loop = asyncio.get_running_loop()
     due = loop.time()
@@ -112,12 +107,12 @@ async def _read_forever(
         outage.connected(collector)
         outage.end()
         backoff.reset()
-        stats.cycles += 1
+        state.reads += 1
         if readings:
             await sink(readings)
         now = loop.time()
         due, skipped = next_tick(due, now, every)
-        stats.missed += skipped
+        state.missed += skipped
         await asyncio.sleep(due - now)
 
 

@@ -240,6 +240,48 @@ def read_secret(password: str | None, password_file: Path | None) -> str | None:
     return password
 
 
+SECRET_FILE = "the file whose first line is the password"
+
+
+def home(path: Path) -> Path:
+    """`~` and `~user` expanded; left as written when there is no such home."""
+    try:
+        return path.expanduser()
+    except RuntimeError:  # ~nobody-here/x: the "no such file" that follows says enough
+        return path
+
+
+def resolve_file(
+    base: Path, value: Path, where: str, what: str, problems: list[str], *, secret: bool
+) -> Path:
+    """`value` relative to the config file's folder `base`; a problem noted (`where: ...`)
+    if it is missing, a directory, or (for a secret) unreadable or empty. `what` says what
+    the setting must name, for when it names a directory."""
+    path = base / home(value)
+    if path.is_dir():
+        problems.append(f"{where}: {shown(path)} is a directory; give {what}")
+    elif not path.is_file():
+        problems.append(f"{where}: no such file: {shown(path)}")
+    elif secret:
+        try:
+            if not path.read_text(encoding="utf-8").strip():
+                problems.append(f"{where}: the file is empty: {shown(path)}")
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {shown(path)}: {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            problems.append(f"{where}: {shown(path)} is not UTF-8 text")
+    return path
+
+
+class ProblemAt(ValueError):
+    """A problem that a validator finds at a key below its model (`loc`, e.g. ("outputs", 1)):
+    the config's message names that key rather than the model's."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 def check_unique(names: Iterable[str], what: str) -> None:
     """Raise ValueError naming the first name that appears twice."""
     seen: set[str] = set()

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from gateway.errors import ConfigError
 from gateway.settings_types import shown
 
-if TYPE_CHECKING:  # gateway.config imports this module
-    from gateway.config import MqttSettings
+if TYPE_CHECKING:  # (the annotation only)
+    from gateway.publishers.settings import MqttSettings
 
 # OpenSSL reasons for a certificate and a private key that do not belong together (the
 # second: an RSA key beside an EC certificate).
@@ -39,7 +39,7 @@ def client_context(settings: MqttSettings, file: str = "mqtt", where: str = "mqt
     `tls_insecure`.
 
     Raises ConfigError(`file`, problems) with one problem per bad file, each naming its key
-    (`where`.ca, .cert, .key) and its path, e.g. `mqtt.ca: /etc/ca.pem: not a PEM certificate`.
+    (`where`.ca, .cert, .key) and its path, e.g. `outputs[1].ca: /etc/ca.pem: not a PEM certificate`.
     Config load passes the config file; the connection, which has only the settings, may
     leave the default (its files were checked at load: only a file changed since can fail).
     """

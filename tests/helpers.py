@@ -15,8 +15,8 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from gateway.app import Gateway
 from gateway.broker import find_mosquitto, free_port
+from gateway.config import parse
 
 # Threads that may outlive the test that started them (a session-scoped simulator, say):
 # register them with `allow_long_lived`, and the thread-leak check ignores them.
@@ -71,6 +73,19 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(every)
+
+
+@asynccontextmanager
+async def running(text: str, file: Path, **options: Any) -> AsyncIterator[Gateway]:
+    """The gateway of config `text` (named `file` in errors) running in this event loop, in
+    a task, with `Gateway` `options`; stopped cleanly on the way out."""
+    gateway = Gateway(parse(text, str(file)), **options)
+    task = asyncio.create_task(gateway.run(), name="gateway")
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        await asyncio.wait_for(task, 10)
 
 
 class Mosquitto:

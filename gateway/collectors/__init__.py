@@ -1,10 +1,19 @@
-"""Collectors: one protocol step against one device. The poller owns the loop."""
+"""Collectors: one protocol step against one device. The poller owns the loop.
+
+Each protocol is a package beside this module and one entry in `registry.PROTOCOLS`: its
+device settings model, its collector factory, its tags' datatypes, and the files its settings
+name (see `ProtocolEntry`). Nothing outside the package knows a protocol's device class.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, Self, TypeVar, runtime_checkable
 
-from gateway.model import Reading
+from gateway.model import Datatype, Reading
+from gateway.settings_types import AssetOverride
 
 
 class Collector(Protocol):
@@ -36,3 +45,80 @@ class Collector(Protocol):
 
     def summary(self) -> str:
         """What a connection reads, for the log line once it works: `17 tags, 4 requests`."""
+
+
+@runtime_checkable
+class DatatypeSource(Protocol):
+    """A collector that learns its tags' datatypes from the device (an OPC UA server sends
+    typed values; a Modbus tag's datatype is in the config, see `ProtocolEntry.metric_types`)."""
+
+    def datatype(self, tag: str) -> Datatype | None:
+        """The datatype of the tag's last value, or None before the first value (or for a
+        type with no neutral name, such as an array)."""
+
+
+class TagSettings(Protocol):
+    """What every protocol's tag model has."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class DeviceSettings(Protocol):
+    """What every protocol's device model has: all that the engine and the output formats
+    read of a device. The rest is the protocol's own, reached through its registry entry.
+    (Properties: read-only, so that each model may narrow the types.)"""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def protocol(self) -> str: ...
+
+    @property
+    def tags(self) -> Sequence[TagSettings]: ...
+
+    @property
+    def asset(self) -> AssetOverride: ...
+
+    @property
+    def cycle(self) -> float:
+        """How often the poller calls read()."""
+
+    @property
+    def reconnect_max(self) -> float: ...
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self: ...
+
+
+MetricType = tuple[str, Datatype | None, str | None]
+"""(tag, datatype, unit) of a configured tag; the datatype None when only the device knows it."""
+
+D = TypeVar("D", bound=DeviceSettings)
+
+
+def no_files(device: D, index: int, base: Path, problems: list[str]) -> D:
+    """`ProtocolEntry.resolve_files` of a protocol whose settings name no file."""
+    return device
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolEntry(Generic[D]):
+    """One protocol, as the registry lists it.
+
+    - `name`: the value of `protocol:` in a device's settings (its model's discriminator).
+    - `settings`: the device settings model.
+    - `collector(device, pki_dir)`: the device's collector. It imports the protocol stack
+      (asyncua alone adds 27 MB of RSS), so that a gateway loads only the stacks it uses.
+    - `metric_types(device)`: (tag, datatype, unit) of each tag, for the formats that type
+      their metrics (Sparkplug B).
+    - `resolve_files(device, index, base, problems)`: the device with the files its settings
+      name made relative to the config file's folder `base`; what is wrong with them appended
+      to `problems`, each naming its key path (`devices[3].security.password_file: ...`).
+    """
+
+    name: str
+    settings: type[D]
+    collector: Callable[[D, Path], Collector]
+    metric_types: Callable[[D], list[MetricType]]
+    resolve_files: Callable[[D, int, Path, list[str]], D] = no_files

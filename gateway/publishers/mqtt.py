@@ -31,6 +31,7 @@ from gateway.backoff import Backoff
 from gateway.config import MqttSettings
 from gateway.errors import BrokerUnavailable, PublishError
 from gateway.publishers.session import Message, OnMessage, Session, open_client
+from gateway.state import OutputState
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class MqttConnection:
         self._leaving: str | None = None  # why we are ending this connection ourselves
         # Counts established connections: tells a publisher that the broker session changed.
         self.generation = 0
+        # The output's entry in the gateway's State, if the engine set one: told when the
+        # connection is ready and when it ends.
+        self.status: OutputState | None = None
         # The will of the last attempt, and whether its CONNECT never went out (the socket or
         # TLS failed first): then the next attempt reuses it, so a Sparkplug bdSeq counts
         # CONNECT packets, not failed attempts. An attempt that timed out counts: its connect
@@ -167,6 +171,7 @@ class MqttConnection:
                         await self._closed.wait()
         finally:
             self._ready.clear()
+            self._note_down()  # cancelled while connected: _serve did not get to it
             if self._session is not None:
                 self._session.abort("stopped")
                 self._session = None
@@ -264,7 +269,12 @@ class MqttConnection:
             if not session.lost.done():
                 session.client.loop_misc()
         self._ready.clear()
+        self._note_down()
         return session.lost.result()
+
+    def _note_down(self) -> None:
+        if self.status is not None:
+            self.status.down(time.time())
 
     def _report_up(self) -> None:
         if self._down_since is None:
@@ -273,6 +283,8 @@ class MqttConnection:
             verb = "reconnected" if self._was_up else "connected"
             log.info("%s to %s after %.0f s", verb, self.where, time.monotonic() - self._down_since)
         self._down_since, self._reported, self._was_up = None, False, True
+        if self.status is not None:
+            self.status.up(time.time())
 
     def _report_down(self, reason: str, *, lost: bool) -> None:
         """Log the start of an outage once; later failed attempts only at debug level."""

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.config import GatewaySettings, MqttSettings
@@ -26,6 +26,9 @@ from gateway.errors import MessagesRefused
 from gateway.model import AssetPath, Batch, Entry, Quality, Status, iso_millis
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
+
+if TYPE_CHECKING:
+    from gateway.publishers.formats import OutputContext
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,10 @@ class UnsPublisher:
         self._last_ts: float | None = None
         self._last_iso = ""
         self._units: dict[str | None, str] = {}  # unit -> its JSON
+
+    @property
+    def connection(self) -> MqttConnection:
+        return self._connection
 
     def topic(self, device: str, tag: str) -> str:
         prefix = self._prefixes.get(device)
@@ -174,6 +181,16 @@ def connect_uns(
     )
     publisher = UnsPublisher(connection, gateway, devices)
     return connection, publisher
+
+
+def build(context: OutputContext) -> UnsPublisher:
+    """The UNS JSON publisher of one output (FORMATS["uns"]), with every device's `_meta`."""
+    s = context.settings
+    described = {
+        device.name: (s.asset(device), collector.describe()) for device, collector in context.collectors
+    }
+    _, publisher = connect_uns(context.output, s.gateway, described)
+    return publisher
 
 
 def _meta(name: str, asset: AssetPath, meta: Mapping[str, Any]) -> dict[str, Any]:

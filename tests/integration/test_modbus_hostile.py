@@ -26,7 +26,8 @@ from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.errors import DeviceTimeout, NotConnected
 from gateway.model import Quality, Reading, Status
-from gateway.poller import PollStats, poll
+from gateway.poller import poll
+from gateway.state import DeviceState
 from tests.helpers import eventually
 from tests.hostile_modbus import (
     MBAP,
@@ -285,16 +286,16 @@ async def test_poller_reports_a_device_sending_garbage_once_and_keeps_reconnecti
 ) -> None:
     caplog.set_level(logging.INFO)
     server.answer = targeting(server, CASES["garbage"])
-    sink, stats = Sink(), PollStats()
+    sink, state = Sink(), DeviceState("hostile")
     collector = ModbusCollector(device(server.port, timeout="5s"))
     task = asyncio.create_task(
-        poll(collector, 0.02, sink, stats=stats, backoff=Backoff(initial=0.01, cap=0.02)), name="poller"
+        poll(collector, 0.02, sink, state=state, backoff=Backoff(initial=0.01, cap=0.02)), name="poller"
     )
     try:
-        await eventually(lambda: stats.failures >= 4, timeout=10, what="four failed reads")
+        await eventually(lambda: state.read_errors >= 4, timeout=10, what="four failed reads")
         down = list(sink.readings)
         server.answer = server.correct
-        await eventually(lambda: stats.cycles >= 2, timeout=10, what="two good cycles")
+        await eventually(lambda: state.reads >= 2, timeout=10, what="two good cycles")
     finally:
         await cancel([task])
     # Four failures within 10 s with a 5 s timeout: the garbage was recognised as it came,
@@ -319,14 +320,14 @@ async def test_poller_keeps_polling_through_frames_pymodbus_cannot_decode(
     # A byte count past the end of the frame made pymodbus raise inside data_received.
     caplog.set_level(logging.INFO)
     server.answer = targeting(server, CASES["byte count past the end"])
-    sink, stats = Sink(), PollStats()
+    sink, state = Sink(), DeviceState("hostile")
     collector = ModbusCollector(device(server.port))
-    task = asyncio.create_task(poll(collector, 0.02, sink, stats=stats), name="poller")
+    task = asyncio.create_task(poll(collector, 0.02, sink, state=state), name="poller")
     try:
-        await eventually(lambda: stats.cycles >= 5, timeout=10, what="five cycles")
+        await eventually(lambda: state.reads >= 5, timeout=10, what="five cycles")
     finally:
         await cancel([task])
-    assert stats.failures == 0
+    assert state.read_errors == 0
     expected = expected_values(server)
     for r in sink.readings:
         if r.tag in TAGS_OF["holding"]:

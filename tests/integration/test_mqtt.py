@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -24,6 +25,7 @@ from gateway.errors import BrokerUnavailable, MessagesRefused
 from gateway.model import AssetPath, Batch, Entry, Quality, Reading, Status
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.uns import connect_uns
+from gateway.state import OutputState
 from tests.helpers import MakeMosquitto, Message, Mosquitto, Subscribe, Subscriber, eventually
 
 GATEWAY = GatewaySettings(id="gw-1", enterprise="acme", site="plant-1", area="packaging", line="line-3")
@@ -310,6 +312,25 @@ async def test_broker_outage_rejects_without_queueing_and_recovers(
     logged = [r.getMessage() for r in caplog.records]
     assert sum("lost connection to" in line for line in logged) == 1
     assert sum("reconnected to" in line for line in logged) == 1
+
+
+async def test_the_output_state_follows_the_connection(mosquitto: Mosquitto) -> None:
+    status = OutputState("mqtt")
+    conn = MqttConnection(settings(mosquitto), client_id="t-status")
+    conn.status = status
+    before = time.time()
+    async with running(conn):
+        assert status.connected
+        assert status.since >= before
+        mosquitto.stop()
+        await eventually(lambda: not status.connected, what="the loss noted")
+        lost = status.since
+        assert lost >= before
+        mosquitto.start()
+        await eventually(lambda: status.connected, timeout=10, what="the reconnect noted")
+        assert status.since >= lost
+    # Cancelled while connected (the gateway's tasks end so on a crash): down, not stuck up.
+    assert not status.connected
 
 
 async def test_username_and_password(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -14,7 +15,8 @@ from gateway.backoff import Backoff
 from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
 from gateway.model import Quality, Reading
-from gateway.poller import PollStats, poll
+from gateway.poller import poll
+from gateway.state import DeviceState
 from simulators.modbus import ModbusSimulator
 from tests.helpers import eventually
 
@@ -69,20 +71,20 @@ async def test_a_hanging_device_does_not_slow_another(
     hung, healthy = sims
     hung.faults.latency = 5.0  # answers far beyond the 200 ms timeout
     sink = Sink()
-    slow_stats, fast_stats = PollStats(), PollStats()
+    slow, fast = DeviceState("hung"), DeviceState("healthy")
     caplog.set_level(logging.INFO, logger="gateway.poller")
     await run_for(
         2.0,
-        poll(ModbusCollector(device("hung", hung.port)), 0.1, sink, stats=slow_stats,
+        poll(ModbusCollector(device("hung", hung.port)), 0.1, sink, state=slow,
              backoff=Backoff(initial=0.1, cap=0.2)),
-        poll(ModbusCollector(device("healthy", healthy.port)), 0.1, sink, stats=fast_stats),
+        poll(ModbusCollector(device("healthy", healthy.port)), 0.1, sink, state=fast),
     )  # fmt: skip
     # 2 s at 100 ms is 20 ticks. Were the healthy device held up by the hung one (5 s per
     # answer, 200 ms timeout), it would manage a handful at most.
-    assert fast_stats.cycles >= 10, fast_stats
+    assert fast.reads >= 10, fast
     assert all(r.quality is Quality.GOOD for r in sink.of("healthy"))
-    assert slow_stats.cycles == 0
-    assert slow_stats.failures >= 3  # it kept retrying ...
+    assert slow.reads == 0
+    assert slow.read_errors >= 3  # it kept retrying ...
     bad = sink.of("hung")
     assert [r.tag for r in bad] == ["temperature", "running"]  # ... but reported Bad once
     assert all(r.quality is Quality.BAD and r.status == 0x800A0000 for r in bad)
@@ -124,14 +126,14 @@ async def test_a_read_that_overruns_skips_ticks_and_counts_them(
     sims: tuple[ModbusSimulator, ModbusSimulator],
 ) -> None:
     sim, _ = sims
-    stats = PollStats()
+    state = DeviceState("press")
     # Two requests per read (holding, coil) at 70 ms each outlast the 100 ms interval.
     sim.faults.latency = 0.07
-    await run_for(1.2, poll(ModbusCollector(device("press", sim.port)), 0.1, Sink(), stats=stats))
-    assert stats.failures == 0
-    assert stats.cycles >= 1
-    assert stats.missed >= 1
-    assert stats.cycles < 12  # no burst of catch-up reads after each slow one
+    await run_for(1.2, poll(ModbusCollector(device("press", sim.port)), 0.1, Sink(), state=state))
+    assert state.read_errors == 0
+    assert state.reads >= 1
+    assert state.missed >= 1
+    assert state.reads < 12  # no burst of catch-up reads after each slow one
 
 
 async def test_connected_is_logged_once_per_connection_that_reads(
@@ -140,7 +142,7 @@ async def test_connected_is_logged_once_per_connection_that_reads(
     """A user reads in the log that the PLCs are being read: once per connection, after its
     first good read, so a device that accepts and hangs up at once logs it no more."""
     sim, _ = sims
-    stats = PollStats()
+    state = DeviceState("press")
     caplog.set_level(logging.INFO, logger="gateway.poller")
     connected = "device press connected (2 tags, 2 requests)"
 
@@ -148,16 +150,54 @@ async def test_connected_is_logged_once_per_connection_that_reads(
         return sum(text in r.getMessage() for r in caplog.records)
 
     task = asyncio.create_task(
-        poll(ModbusCollector(device("press", sim.port)), 0.05, Sink(), stats=stats,
+        poll(ModbusCollector(device("press", sim.port)), 0.05, Sink(), state=state,
              backoff=Backoff(initial=0.05, cap=0.1))
     )  # fmt: skip
     try:
         await eventually(lambda: said(connected) == 1, timeout=10, what="the first connect")
         sim.faults.drop_connections = True  # accepts, then hangs up
         sim.drop_clients()
-        await eventually(lambda: stats.failures >= 5, timeout=20, what="several reconnects")
+        await eventually(lambda: state.read_errors >= 5, timeout=20, what="several reconnects")
         sim.faults.drop_connections = False
         await eventually(lambda: said("press recovered") == 1, timeout=20, what="the recovery")
     finally:
         await cancel([task])
     assert said(connected) == 2, [r.getMessage() for r in caplog.records]
+    # The connections that hung up at once are no reconnects: only the one that read is.
+    assert (state.connections, state.reconnects) == (2, 1)
+
+
+async def test_a_stopped_device_goes_down_in_its_state_and_comes_back(
+    sims: tuple[ModbusSimulator, ModbusSimulator],
+) -> None:
+    """The device's entry in the gateway's State follows a real outage: the simulator
+    stops listening (connections refused), then listens again on the same port."""
+    sim, _ = sims
+    state = DeviceState("press", "modbus")
+    started = time.time()
+    task = asyncio.create_task(
+        poll(ModbusCollector(device("press", sim.port)), 0.05, Sink(), state=state,
+             backoff=Backoff(initial=0.05, cap=0.1))
+    )  # fmt: skip
+    try:
+        await eventually(lambda: state.up and state.reads >= 3, timeout=10, what="three good reads")
+        assert state.since >= started
+        assert (state.read_errors, state.last_error) == (0, None)
+        assert (state.connections, state.reconnects) == (1, 0)
+        stopped = time.time()
+        await sim.stop()
+        await eventually(lambda: not state.up, timeout=10, what="the device down")
+        assert state.since >= stopped
+        assert state.last_error  # whatever pymodbus said, there is something to show
+        await eventually(lambda: state.read_errors >= 3, timeout=10, what="failed reconnects")
+        reads, down_since = state.reads, state.since
+        assert state.reconnects == 0
+        restarted = time.time()
+        await sim.start()
+        await eventually(lambda: state.up, timeout=10, what="the device back")
+    finally:
+        await cancel([task])
+    assert state.since >= restarted > down_since
+    assert (state.connections, state.reconnects) == (2, 1)
+    assert state.reads > reads
+    assert state.last_error is not None  # kept after the recovery: the page shows what it was

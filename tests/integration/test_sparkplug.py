@@ -10,21 +10,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from gateway.app import Gateway
-from gateway.config import parse
 from gateway.outbox import read_stats
 from gateway.publishers.sparkplug.sparkplug_b_pb2 import Payload
 from simulators.modbus import ModbusSimulator
 from simulators.opcua import OpcUaSimulator
 from tests.conftest import MakeMosquitto, Subscribe
-from tests.helpers import Mosquitto, eventually
+from tests.helpers import Mosquitto, eventually, running
 from tests.sparkplug_host import REBIRTH, Host, Spark, mismatched_values, seq_gaps
 
 GROUP, NODE = "plant1", "edge-sp"
@@ -71,17 +68,6 @@ def host(subscriber: Subscribe) -> Callable[[Mosquitto], Host]:
 @pytest.fixture
 def outbox(tmp_path: Path) -> Path:
     return tmp_path / "outbox.db"
-
-
-@asynccontextmanager
-async def running(text: str, file: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway(parse(text, str(file)))
-    task = asyncio.create_task(gateway.run())
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
-        await asyncio.wait_for(task, 10)
 
 
 def births(sparks: list[Spark]) -> list[Spark]:
@@ -199,8 +185,9 @@ async def test_device_death_and_return(
         await h.received(lambda s: len(h.of("DDEATH")) == 1)
         await asyncio.sleep(0.5)  # the other device goes on meanwhile
         await stopped.start()
-        sparks = await h.received(
-            lambda s: len(h.of("DBIRTH")) == 3 and s[-1].kind == "DDATA" and s[-1].device == "press-1"
+        sparks = await h.received(  # (the device is retried with backoff: up to 10 s apart)
+            lambda s: len(h.of("DBIRTH")) == 3 and s[-1].kind == "DDATA" and s[-1].device == "press-1",
+            timeout=30,
         )
     press1 = [s for s in sparks if s.device == "press-1"]
     death = next(i for i, s in enumerate(press1) if s.kind == "DDEATH")

@@ -210,7 +210,7 @@ async def test_after_a_restart_births_carry_the_backlogs_newest_values(
         assert (m1.metric("t").datatype, m1.metric("t").double_value) == (DataType.DOUBLE, 2.0)
         assert {m.datatype for m in m2.payload.metrics} == {DataType.INT64}  # guessed from 5
         # The device connects: the server says Int16.
-        known.update({f"x{i}": "Int16" for i in range(20)})
+        known.update({f"x{i}": "int16" for i in range(20)})
         await node.append([reading("m2", "x0", 6)])
         sparks = await h.received(lambda s: len(h.of("NBIRTH")) == 2 and s[-1].kind == "DDATA")
     finally:

@@ -167,7 +167,7 @@ def test_duplicate_device_names_are_rejected() -> None:
 def test_environment_variables_are_substituted() -> None:
     text = _with("mqtt.username", "${MQTT_USER}")
     settings = config.parse(text, "plant.yaml", env={"MQTT_USER": "line1-gw"})
-    assert settings.mqtt.username == "line1-gw"
+    assert settings.outputs[0].username == "line1-gw"
 
 
 def test_numbers_and_switches_may_come_from_the_environment() -> None:
@@ -182,12 +182,12 @@ def test_numbers_and_switches_may_come_from_the_environment() -> None:
            "SCALE": "0.5", "GAP": "3"}  # fmt: skip
     settings = config.parse(text, "plant.yaml", env=env)
     device = settings.devices[0]
-    assert (device.port, settings.mqtt.keepalive, settings.outbox.max_bytes) == (5021, 45, 2_000_000)
-    assert (settings.mqtt.username, settings.mqtt.password) == ("1234", "1234")
-    assert isinstance(device, config.ModbusDevice)
+    assert (device.port, settings.outputs[0].keepalive, settings.outbox.max_bytes) == (5021, 45, 2_000_000)
+    assert (settings.outputs[0].username, settings.outputs[0].password) == ("1234", "1234")
+    assert isinstance(device, ModbusDevice)
     assert (device.tags[0].scale, device.max_gap) == (0.5, 3)
     insecure = _edit({"mqtt.url": "mqtts://127.0.0.1", "mqtt.tls_insecure": "${INSECURE}"})
-    assert config.parse(insecure, "plant.yaml", env={"INSECURE": "True"}).mqtt.tls_insecure is True
+    assert config.parse(insecure, "plant.yaml", env={"INSECURE": "True"}).outputs[0].tls_insecure is True
 
 
 @pytest.mark.parametrize(
@@ -234,7 +234,7 @@ def test_password_file_is_read(tmp_path: Path) -> None:
     secret.write_text("s3cret\n")
     text = _edit({"mqtt.username": "gw", "mqtt.password_file": str(secret)})
     settings = config.parse(text, "plant.yaml", env={})
-    assert settings.mqtt.secret() == "s3cret"
+    assert settings.outputs[0].secret() == "s3cret"
 
 
 @pytest.mark.parametrize("key", ["ca", "cert", "password_file"])
@@ -253,7 +253,7 @@ def test_relative_file_paths_are_relative_to_the_config_file(tmp_path: Path) -> 
     settings = config.parse(
         _edit({"mqtt.username": "gw", "mqtt.password_file": "pw"}), str(tmp_path / "plant.yaml"), env={}
     )
-    assert settings.mqtt.password_file == tmp_path / "pw"
+    assert settings.outputs[0].password_file == tmp_path / "pw"
     assert settings.outbox.path == tmp_path / "data" / "outbox.db"
 
 
@@ -289,10 +289,10 @@ def test_sparkplug_settings_and_default_edge_node_id() -> None:
         "mqtt", {"url": "mqtt://127.0.0.1:1883", "format": "sparkplug", "sparkplug": {"group_id": "plant1"}}
     )
     settings = config.parse(text, "gw.yaml")
-    assert settings.mqtt.sparkplug is not None
-    assert settings.mqtt.sparkplug.group_id == "plant1"
-    assert settings.edge_node_id == "edge-1"  # the gateway id
-    assert settings.mqtt.sparkplug.primary_host_id is None
+    assert settings.outputs[0].sparkplug is not None
+    assert settings.outputs[0].sparkplug.group_id == "plant1"
+    assert settings.outputs[0].sparkplug.edge_node_id == "edge-1"  # the gateway id
+    assert settings.outputs[0].sparkplug.primary_host_id is None
 
 
 @pytest.mark.parametrize(
@@ -477,14 +477,16 @@ def test_what_strict_types_still_accept() -> None:
 
 # Every config model, so that the exhaustive test below covers a model added later.
 MODELS = [
-    config.Settings, config.GatewaySettings, config.OutboxSettings, config.MqttSettings,
-    config.SparkplugSettings, ModbusDevice, ModbusTag, OpcUaDevice, OpcUaSecurity, OpcUaTag, AssetOverride,
+    config.ConfigFile, config.Settings, config.GatewaySettings, config.OutboxSettings, config.MqttSettings,
+    config.OutputSettings, config.SparkplugSettings, ModbusDevice, ModbusTag, OpcUaDevice, OpcUaSecurity,
+    OpcUaTag, AssetOverride,
 ]  # fmt: skip
 WRONG = {"integer": [True, 1.5, "1"], "number": [True, False], "boolean": [1, 0, "yes", "true"]}
 
 
 def test_the_model_list_is_complete() -> None:
-    assert set(config.Settings.model_json_schema()["$defs"]) | {"Settings"} == {m.__name__ for m in MODELS}
+    defined = set(config.ConfigFile.model_json_schema()["$defs"]) | {"ConfigFile", "Settings"}
+    assert defined == {m.__name__ for m in MODELS}
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
@@ -502,6 +504,7 @@ def test_every_number_and_switch_refuses_the_other_kinds(model: type[Model]) -> 
                 assert found in (["int_type"], ["bool_type"], ["value_error"]), (name, value, found)
                 checked += 1
     assert checked or model in (
+        config.ConfigFile,
         config.Settings,
         config.GatewaySettings,
         AssetOverride,
@@ -667,10 +670,10 @@ def test_tls_files_that_do_not_load_are_refused_at_load(
 
 def test_tls_files_that_load(pki: Path) -> None:
     settings = config.parse(_tls(pki, ca="ca.pem", cert="client.pem", key="client.key"), "plant.yaml", env={})
-    assert settings.mqtt.ca == pki / "ca.pem"
+    assert settings.outputs[0].ca == pki / "ca.pem"
     # Relative to the config file, like every path in it.
     text = _with("mqtt", {"url": "mqtts://127.0.0.1:8883", "ca": "ca.pem"})
-    assert config.parse(text, str(pki / "plant.yaml"), env={}).mqtt.ca == pki / "ca.pem"
+    assert config.parse(text, str(pki / "plant.yaml"), env={}).outputs[0].ca == pki / "ca.pem"
 
 
 def test_client_context_verifies_by_default(pki: Path) -> None:

@@ -13,6 +13,9 @@ nested structure, a key deleted or added), and handed to `config.parse`. The pro
   path followed by `: ` that exists in the loaded document (every part of it; the last part
   may be missing when the problem is `required key is missing`), or `(top level): `, or one
   of the few problems of the whole file (empty, not a mapping, nested too deeply).
+
+Among the examples is a config with two outputs (config/two-outputs.yaml), so that the
+checks across outputs (names, brokers and client ids, Sparkplug edge nodes) are fuzzed too.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from gateway.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "config").glob("*.yaml"))}
 ENV = {"MQTT_USERNAME": "gateway", "MQTT_PASSWORD": "secret", "OPCUA_PASSWORD": "secret"}
+TWO_OUTPUTS = "two-outputs.yaml"
 # Per example: a loaded machine parses these files in milliseconds; only a hang takes this long.
 TIMEOUT = 10.0
 
 LOCATION = re.compile(r"line (\d+), column (\d+): \S")
 WHOLE_FILE = {
     "the file is empty",
-    "the top level must be a mapping (gateway:, outbox:, mqtt:, devices:)",
+    "the top level must be a mapping (gateway:, outbox:, outputs:, devices:)",
     "nested too deeply",
 }
 # The parts of a key path as config._key_path writes them: .name, [index], ['quoted key'].
@@ -100,7 +104,8 @@ def _resolves(doc: Any, parts: list[str | int], message: str) -> bool:
         # A key that is not text appears as written: 1 for the key 1, None for null.
         key = next((k for k in node if k == part or (not isinstance(k, str) and repr(k) == part)), None)
         if key is None and part not in node:
-            return last and message == "required key is missing"
+            # (`outputs: required key is missing (or mqtt: for a single output)`)
+            return last and message.startswith("required key is missing")
         node = node[key if key is not None else part]
     return True
 
@@ -192,6 +197,7 @@ BOMB = "".join(f"l{i}: &l{i} [{', '.join(['*l' + str(i - 1)] * 9 if i else ['x']
 @example(text=EXAMPLES["demo.yaml"].replace("  area: press-shop\n", "  area: press-shop\n  site: again\n"))
 @example(text=EXAMPLES["example.yaml"].replace("  id: edge-1", '  id: "edge\\0"'))
 @example(text="gateway: {a: 1}\n" + "\x01")
+@example(text=EXAMPLES[TWO_OUTPUTS].replace("outputs:\n", "mqtt: {url: mqtt://127.0.0.1:1883}\noutputs:\n"))
 def test_mutated_config_text_loads_or_names_the_place(text: str, tmp: Path) -> None:
     parse(text, tmp)
 
@@ -199,7 +205,8 @@ def test_mutated_config_text_loads_or_names_the_place(text: str, tmp: Path) -> N
 # -- mutations of the data ------------------------------------------------------------------
 
 KEYS = [
-    "name", "protocol", "tags", "devices", "mqtt", "url", "ca", "cert", "key", "tls_insecure", "password",
+    "name", "protocol", "tags", "devices", "mqtt", "outputs", "url", "ca", "cert", "key", "tls_insecure",
+    "password", "group_id", "edge_node_id",
     "password_file", "username", "client_id", "security", "server_certificate", "asset", "sparkplug",
     "format", "poll", "timeout", "reconnect_max", "scale", "address", "table", "type", "port", "max_bytes",
 ]  # fmt: skip
@@ -207,6 +214,7 @@ TEXTS = [
     "", " ", "1s", "500ms", "25h", "0s", "1e400", "nan", "inf", "mqtt://127.0.0.1:1883", "mqtts://h:8883",
     "opc.tcp://h:4840", "modbus", "opcua", "holding", "coil", "float32", "string", "sparkplug", "uns",
     "a/b", "+", "#", "${X}", "${MQTT_USERNAME}", "7a63fd", "/", ".", "..", "~nobody-here/x", "ns=2;s=x",
+    "local", "scada", "millwright-edge-1-local",
     "press\0", "\x01\x1f\x7f\x85", "\ufdd0\ufffe\U0001ffff", "line\nbreak", "caf\u00e9", "é" * 40,
 ]  # fmt: skip
 SCALARS = (
@@ -241,11 +249,15 @@ def mutated_documents(draw: st.DrawFn) -> str:
     doc = copy.deepcopy(DOCS[draw(st.sampled_from(sorted(DOCS)))])
     for _ in range(draw(st.integers(1, 3))):
         slots = list(_slots(doc))
-        op = draw(st.sampled_from(("replace", "delete", "add")))
+        op = draw(st.sampled_from(("replace", "delete", "add", "copy")))
         if not slots:
             break
         container, key = draw(st.sampled_from(slots))
-        if op == "replace":
+        if op == "copy" and isinstance(container, list):
+            # A list item twice, in full or changed: two outputs (or devices, tags) that the
+            # checks across the list must tell apart.
+            container.insert(draw(st.integers(0, len(container))), copy.deepcopy(container[key]))
+        elif op == "replace":
             container[key] = draw(VALUES)
         elif op == "delete":
             del container[key]
@@ -263,6 +275,10 @@ DOCS = {name: yaml.safe_load(text) for name, text in EXAMPLES.items()}
 @given(text=mutated_documents())
 def test_mutated_config_data_loads_or_names_the_place(text: str, tmp: Path) -> None:
     parse(text, tmp)
+
+
+def test_a_two_output_example_is_among_the_fuzzed() -> None:
+    assert [o["format"] for o in DOCS[TWO_OUTPUTS]["outputs"]] == ["uns", "sparkplug"]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +17,7 @@ import pytest
 
 from gateway.errors import OutboxError, OutboxLocked
 from gateway.model import Batch, Quality, Reading, Value
+from gateway.outbox import DEFAULT_OUTPUT as OUT
 from gateway.outbox import Outbox, read_stats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,13 +52,13 @@ async def outbox(path: Path) -> AsyncIterator[Outbox]:
 async def test_append_lease_ack_in_order(outbox: Outbox) -> None:
     await outbox.append(readings([1, 2, 3]))
     await outbox.append(readings([4, 5]))
-    first = await outbox.lease(2)
-    second = await outbox.lease(10)
+    first = await outbox.lease(OUT, 2)
+    second = await outbox.lease(OUT, 10)
     assert (seqs(first), values(first)) == ([1, 2], [1, 2])
     assert (seqs(second), values(second)) == ([3, 4, 5], [3, 4, 5])
-    assert len(await outbox.lease(10)) == 0
-    await outbox.ack(first)
-    await outbox.ack(second)
+    assert len(await outbox.lease(OUT, 10)) == 0
+    await outbox.ack(OUT, first)
+    await outbox.ack(OUT, second)
     stats = await outbox.stats()
     assert (stats.depth, stats.last_seq, stats.oldest_age) == (0, 5, None)
 
@@ -66,7 +69,7 @@ async def test_reading_fields_round_trip(outbox: Outbox) -> None:
         Reading("press-1", "state", None, Quality.BAD, 0x800A0000, None, 1700000001.0, None),
     ]
     await outbox.append(sent)
-    assert [e.reading for e in (await outbox.lease(10)).entries] == sent
+    assert [e.reading for e in (await outbox.lease(OUT, 10)).entries] == sent
 
 
 @pytest.mark.parametrize(
@@ -76,7 +79,7 @@ async def test_reading_fields_round_trip(outbox: Outbox) -> None:
 )  # fmt: skip
 async def test_values_keep_their_python_type(outbox: Outbox, value: Value) -> None:
     await outbox.append(readings([value]))
-    (got,) = values(await outbox.lease(1))
+    (got,) = values(await outbox.lease(OUT, 1))
     assert got == value
     assert type(got) is type(value)  # True must not come back as 1, nor 1.0 as 1
     if isinstance(value, list):
@@ -85,37 +88,37 @@ async def test_values_keep_their_python_type(outbox: Outbox, value: Value) -> No
 
 async def test_release_leases_the_same_seqs_again_first(outbox: Outbox) -> None:
     await outbox.append(readings(range(10)))
-    first = await outbox.lease(4)
-    await outbox.release(first)
-    again = await outbox.lease(4)
+    first = await outbox.lease(OUT, 4)
+    await outbox.release(OUT, first)
+    again = await outbox.lease(OUT, 4)
     assert seqs(again) == seqs(first) == [1, 2, 3, 4]
-    await outbox.ack(again)
-    assert seqs(await outbox.lease(100)) == list(range(5, 11))
+    await outbox.ack(OUT, again)
+    assert seqs(await outbox.lease(OUT, 100)) == list(range(5, 11))
 
 
 async def test_release_rewinds_past_later_leases(outbox: Outbox) -> None:
     await outbox.append(readings(range(6)))
-    first, second = await outbox.lease(3), await outbox.lease(3)
-    await outbox.release(first)
+    first, second = await outbox.lease(OUT, 3), await outbox.lease(OUT, 3)
+    await outbox.release(OUT, first)
     # FIFO: releasing the first batch hands out everything after it again, in order.
-    assert seqs(await outbox.lease(10)) == [*seqs(first), *seqs(second)]
+    assert seqs(await outbox.lease(OUT, 10)) == [*seqs(first), *seqs(second)]
 
 
 async def test_seq_is_never_reused_after_delete_all_or_reopen(path: Path) -> None:
     box = await Outbox.open(path)
     await box.append(readings([1, 2, 3]))
-    await box.ack(await box.lease(10))  # the table is empty now
+    await box.ack(OUT, await box.lease(OUT, 10))  # the table is empty now
     await box.append(readings([4]))
-    last = await box.lease(10)
+    last = await box.lease(OUT, 10)
     assert seqs(last) == [4]
-    await box.ack(last)
+    await box.ack(OUT, last)
     await box.close()
 
     box = await Outbox.open(path)
     try:
         assert (await box.stats()).depth == 0
         await box.append(readings([5]))
-        assert seqs(await box.lease(10)) == [5]
+        assert seqs(await box.lease(OUT, 10)) == [5]
         assert (await box.stats()).last_seq == 5
     finally:
         await box.close()
@@ -124,13 +127,13 @@ async def test_seq_is_never_reused_after_delete_all_or_reopen(path: Path) -> Non
 async def test_unacked_rows_are_leased_again_after_reopen(path: Path) -> None:
     box = await Outbox.open(path)
     await box.append(readings(range(5)))
-    await box.ack(await box.lease(2))
-    await box.lease(3)  # leased, never acked: the publisher died with them in flight
+    await box.ack(OUT, await box.lease(OUT, 2))
+    await box.lease(OUT, 3)  # leased, never acked: the publisher died with them in flight
     await box.close()
 
     box = await Outbox.open(path)
     try:
-        batch = await box.lease(10)
+        batch = await box.lease(OUT, 10)
         assert (seqs(batch), values(batch)) == ([3, 4, 5], [2, 3, 4])
     finally:
         await box.close()
@@ -146,14 +149,14 @@ async def test_concurrent_appends_with_one_consumer_deliver_every_seq_in_order(o
     async def consume() -> None:
         releases = 0
         while len(delivered) < 1000:
-            await outbox.wait()
-            batch = await outbox.lease(7)
+            await outbox.wait(OUT)
+            batch = await outbox.lease(OUT, 7)
             if len(batch) and releases < 30 and batch.last_seq % 4 == 0:
                 releases += 1
-                await outbox.release(batch)  # as on a broker failure: the same rows come again
+                await outbox.release(OUT, batch)  # as on a broker failure: the same rows come again
                 continue
             delivered.extend(seqs(batch))
-            await outbox.ack(batch)
+            await outbox.ack(OUT, batch)
 
     async with asyncio.TaskGroup() as tasks:
         for n in range(5):
@@ -208,7 +211,7 @@ async def test_committed_rows_survive_kill_9(path: Path) -> None:
 
     box = await Outbox.open(path)
     try:
-        batch = await box.lease(1_000_000)
+        batch = await box.lease(OUT, 1_000_000)
         assert len(batch) >= committed  # the writer may have committed more after its last line
         assert seqs(batch) == list(range(1, len(batch) + 1))
         assert values(batch) == list(range(len(batch)))
@@ -216,17 +219,23 @@ async def test_committed_rows_survive_kill_9(path: Path) -> None:
         await box.close()
 
 
-async def test_drop_oldest_keeps_the_newest_and_counts_exactly(path: Path) -> None:
+@pytest.mark.parametrize("then", ["ack", "release"])
+async def test_drop_oldest_keeps_the_newest_and_counts_exactly(path: Path, then: str) -> None:
     box = await Outbox.open(path, max_rows=10, policy="drop_oldest")
     try:
         await box.append(readings(range(8)))
-        leased = await box.lease(3)  # in flight while dropped: its ack then deletes nothing
-        await box.append(readings(range(8, 15)))
+        leased = await box.lease(OUT, 3)  # in flight while evicted: delivered if acked
+        await box.append(readings(range(8, 15)))  # 15 > 10: seqs 1-5 evicted, of which 4-5 unleased
         stats = await box.stats()
-        assert (stats.depth, stats.dropped, stats.last_seq) == (10, 5, 15)
-        await box.ack(leased)
-        assert (await box.stats()).depth == 10  # seqs 1-3 were dropped already: nothing to delete
-        assert values(await box.lease(100)) == list(range(5, 15))
+        assert (stats.depth, stats.dropped, stats.last_seq) == (10, 2, 15)
+        if then == "ack":
+            await box.ack(OUT, leased)  # the broker has seqs 1-3: not dropped
+            assert (await box.stats()).dropped == 2
+        else:
+            await box.release(OUT, leased)  # they are gone: they will never be published
+            assert (await box.stats()).dropped == 5
+        assert values(await box.lease(OUT, 100)) == list(range(5, 15))
+        assert (await box.stats()).outputs[OUT].dropped == (await box.stats()).dropped
     finally:
         await box.close()
 
@@ -239,7 +248,7 @@ async def test_drop_newest_keeps_the_oldest_and_counts_exactly(path: Path) -> No
         await box.append(readings([99]))  # still full: refused
         stats = await box.stats()
         assert (stats.depth, stats.dropped, stats.last_seq) == (10, 6, 10)
-        assert values(await box.lease(100)) == list(range(10))
+        assert values(await box.lease(OUT, 100)) == list(range(10))
     finally:
         await box.close()
 
@@ -267,9 +276,10 @@ async def test_full_episode_is_logged_once_and_summed_at_the_end(
             await box.append(readings(range(8)))  # 40 in, 20 dropped
         assert len(caplog.records) == 1
         assert "is full" in caplog.records[0].getMessage()
-        await box.ack(await box.lease(1))  # 19 left: under the cap, not yet under the low-water mark
+        # 19 left: under the cap, not yet under the low-water mark
+        await box.ack(OUT, await box.lease(OUT, 1))
         assert len(caplog.records) == 1
-        await box.ack(await box.lease(1))
+        await box.ack(OUT, await box.lease(OUT, 1))
         assert caplog.records[-1].getMessage() == (
             "outbox full: dropped 20 readings (policy drop_oldest) since 2023-11-14T22:13:20.000Z"
         )
@@ -304,7 +314,7 @@ async def test_max_bytes_caps_the_file_and_its_wal(path: Path, policy: str) -> N
         # out, and its WAL frames stay until the next checkpoint. 50 readings of 1 kB fill
         # about 17 pages; their eviction writes as many again.
         assert largest <= cap + 40 * 4096
-        batch = await box.lease(10_000)
+        batch = await box.lease(OUT, 10_000)
         expected = (
             list(range(4001 - stats.depth, 4001))
             if policy == "drop_oldest"
@@ -333,6 +343,13 @@ def smash_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def smash_newest_pages(path: Path) -> None:
+    """Overwrite the pages of the newest rows, which opening the file does not read."""
+    data = bytearray(path.read_bytes())
+    data[-4096 * 3 : -4096] = b"\xff" * 8192
+    path.write_bytes(bytes(data))
+
+
 def files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -342,7 +359,7 @@ async def test_corrupt_file_is_moved_aside(path: Path, caplog: pytest.LogCapture
     box = await Outbox.open(path, clock=lambda: 1_700_000_000.0)
     try:
         await box.append(readings([1]))
-        assert values(await box.lease(10)) == [1]
+        assert values(await box.lease(OUT, 10)) == [1]
     finally:
         await box.close()
     moved = path.with_name("outbox.db.corrupt-20231114T221320Z")
@@ -392,7 +409,7 @@ async def test_seq_continues_after_a_malformed_file_is_replaced(path: Path) -> N
     box = await Outbox.open(path)
     try:
         await box.append(readings([1]))
-        (entry,) = (await box.lease(10)).entries
+        (entry,) = (await box.lease(OUT, 10)).entries
     finally:
         await box.close()
     # Never 1 again: a consumer that drops seqs it has seen would discard new data.
@@ -404,21 +421,21 @@ async def test_seq_continues_above_any_old_seq_when_nothing_is_readable(path: Pa
     box = await Outbox.open(path)
     try:
         await box.append(readings([1]))
-        (entry,) = (await box.lease(10)).entries
+        (entry,) = (await box.lease(OUT, 10)).entries
     finally:
         await box.close()
     assert entry.seq > time.time_ns() // 1000 - 60_000_000  # the clock in microseconds
 
 
 async def test_wait_wakes_on_append(outbox: Outbox) -> None:
-    waiter = asyncio.create_task(outbox.wait())
+    waiter = asyncio.create_task(outbox.wait(OUT))
     await asyncio.sleep(0.01)
     assert not waiter.done()
     await outbox.append(readings([1]))
     await asyncio.wait_for(waiter, timeout=1)
-    await outbox.wait()  # unleased rows: returns at once
-    await outbox.lease(10)
-    waiter = asyncio.create_task(outbox.wait())
+    await outbox.wait(OUT)  # unleased rows: returns at once
+    await outbox.lease(OUT, 10)
+    waiter = asyncio.create_task(outbox.wait(OUT))
     await asyncio.sleep(0.01)
     assert not waiter.done()  # everything is leased
     waiter.cancel()
@@ -428,11 +445,11 @@ async def test_wait_wakes_on_append(outbox: Outbox) -> None:
 
 async def test_wait_wakes_on_release(outbox: Outbox) -> None:
     await outbox.append(readings([1]))
-    batch = await outbox.lease(10)
-    waiter = asyncio.create_task(outbox.wait())
+    batch = await outbox.lease(OUT, 10)
+    waiter = asyncio.create_task(outbox.wait(OUT))
     await asyncio.sleep(0.01)
     assert not waiter.done()
-    await outbox.release(batch)
+    await outbox.release(OUT, batch)
     await asyncio.wait_for(waiter, timeout=1)
 
 
@@ -470,57 +487,57 @@ def test_read_stats_of_a_file_that_is_not_an_outbox(tmp_path: Path) -> None:
 
 async def test_replay_splits_history_and_live_lanes(outbox: Outbox) -> None:
     await outbox.append(readings([1, 2, 3]))
-    boundary = outbox.begin_replay()
+    boundary = outbox.begin_replay(OUT)
     assert boundary == 3
-    assert outbox.replaying
+    assert outbox.replaying(OUT)
     await outbox.append(readings([4, 5]))
-    live = await outbox.lease(10, live=True)
+    live = await outbox.lease(OUT, 10, live=True)
     assert seqs(live) == [4, 5]
-    history = await outbox.lease(2)
+    history = await outbox.lease(OUT, 2)
     assert seqs(history) == [1, 2]  # never past the boundary
-    await outbox.ack(live)
-    await outbox.ack(history)
+    await outbox.ack(OUT, live)
+    await outbox.ack(OUT, history)
     await outbox.append(readings([6]))
-    assert seqs(await outbox.lease(10, live=True)) == [6]
-    last = await outbox.lease(10)
+    assert seqs(await outbox.lease(OUT, 10, live=True)) == [6]
+    last = await outbox.lease(OUT, 10)
     assert seqs(last) == [3]
-    assert not outbox.replaying  # history ran dry: one FIFO again, after the live lane
-    assert len(await outbox.lease(10)) == 0
+    assert not outbox.replaying(OUT)  # history ran dry: one FIFO again, after the live lane
+    assert len(await outbox.lease(OUT, 10)) == 0
 
 
 async def test_release_goes_back_to_its_own_lane(outbox: Outbox) -> None:
     await outbox.append(readings([1, 2]))
-    outbox.begin_replay()
+    outbox.begin_replay(OUT)
     await outbox.append(readings([3, 4]))
-    live = await outbox.lease(1, live=True)
-    history = await outbox.lease(1)
-    await outbox.release(live)
-    await outbox.release(history)
-    assert seqs(await outbox.lease(10, live=True)) == [3, 4]
-    assert seqs(await outbox.lease(10)) == [1, 2]
+    live = await outbox.lease(OUT, 1, live=True)
+    history = await outbox.lease(OUT, 1)
+    await outbox.release(OUT, live)
+    await outbox.release(OUT, history)
+    assert seqs(await outbox.lease(OUT, 10, live=True)) == [3, 4]
+    assert seqs(await outbox.lease(OUT, 10)) == [1, 2]
 
 
 async def test_a_new_replay_extends_history_without_leasing_twice(outbox: Outbox) -> None:
     await outbox.append(readings([1, 2, 3]))
-    outbox.begin_replay()
+    outbox.begin_replay(OUT)
     await outbox.append(readings([4, 5]))
-    live = await outbox.lease(1, live=True)  # 4, published and acked
-    await outbox.ack(live)
-    history = await outbox.lease(1)  # 1, acked
-    await outbox.ack(history)
-    assert outbox.begin_replay() == 5  # a rebirth: everything not yet published is history now
+    live = await outbox.lease(OUT, 1, live=True)  # 4, published and acked
+    await outbox.ack(OUT, live)
+    history = await outbox.lease(OUT, 1)  # 1, acked
+    await outbox.ack(OUT, history)
+    assert outbox.begin_replay(OUT) == 5  # a rebirth: everything not yet published is history now
     await outbox.append(readings([6]))
-    assert seqs(await outbox.lease(10)) == [2, 3, 5]
-    assert seqs(await outbox.lease(10, live=True)) == [6]
+    assert seqs(await outbox.lease(OUT, 10)) == [2, 3, 5]
+    assert seqs(await outbox.lease(OUT, 10, live=True)) == [6]
 
 
 async def test_replay_with_nothing_pending_keeps_one_lane(outbox: Outbox) -> None:
     await outbox.append(readings([1]))
-    await outbox.ack(await outbox.lease(10))
-    outbox.begin_replay()
-    assert not outbox.replaying
+    await outbox.ack(OUT, await outbox.lease(OUT, 10))
+    outbox.begin_replay(OUT)
+    assert not outbox.replaying(OUT)
     await outbox.append(readings([2]))
-    assert seqs(await outbox.lease(10, live=True)) == [2]
+    assert seqs(await outbox.lease(OUT, 10, live=True)) == [2]
 
 
 async def test_one_process_per_outbox(path: Path) -> None:
@@ -566,3 +583,77 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def meta(path: Path, key: str) -> int:
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        (value,) = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(value)
+
+
+async def test_the_file_says_whether_it_was_closed_cleanly(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings([1, 2]))
+    assert meta(path, "clean") == 0  # open: a kill now leaves it at 0, and the next open checks the file
+    await box.close()
+    assert meta(path, "clean") == 1
+    box = await Outbox.open(path)
+    try:
+        assert meta(path, "clean") == 0
+    finally:
+        await box.close()
+
+
+async def test_a_killed_gateways_damaged_file_is_found_at_the_next_open(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    while int(await asyncio.wait_for(proc.stdout.readline(), timeout=30) or 0) < 5000:
+        pass
+    proc.send_signal(signal.SIGKILL)
+    await proc.communicate()
+    with contextlib.closing(sqlite3.connect(path)) as db:  # fold the WAL in, so the pages hold it all
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    smash_newest_pages(path)
+    box = await Outbox.open(path, clock=lambda: 1_700_000_000.0)
+    try:
+        assert (await box.stats()).depth == 0  # checked, found damaged, moved aside
+    finally:
+        await box.close()
+    assert path.with_name("outbox.db.corrupt-20231114T221320Z").exists()
+
+
+async def test_newest_values_outlive_their_publication_and_a_restart(path: Path) -> None:
+    box = await Outbox.open(path)
+    await box.append(readings([1, 2]))
+    await box.append(readings([3]))  # t0 again: newer
+    await box.ack(OUT, await box.lease(OUT, 10))  # published: the rows are deleted
+    await box.close()
+    box = await Outbox.open(path)
+    try:
+        assert (await box.stats()).depth == 0
+        assert {(r.tag, r.value) for r in await box.newest()} == {("t0", 3), ("t1", 2)}
+        await box.append(readings([4]))
+        assert {(r.tag, r.value) for r in await box.newest()} == {("t0", 4), ("t1", 2)}
+    finally:
+        await box.close()
+
+
+async def test_newest_values_after_a_kill_come_from_the_rows_left(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    committed = 0
+    while committed < 500:
+        committed = int(await asyncio.wait_for(proc.stdout.readline(), timeout=30) or 0)
+    proc.send_signal(signal.SIGKILL)
+    await proc.communicate()
+    box = await Outbox.open(path)
+    try:
+        (newest,) = await box.newest()
+        last = await box.lease(OUT, 1_000_000)
+        assert (newest.device, newest.tag, newest.value) == ("d", "t", last.entries[-1].reading.value)
+    finally:
+        await box.close()

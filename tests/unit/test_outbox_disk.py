@@ -13,6 +13,7 @@ import pytest
 
 from gateway.errors import OutboxError
 from gateway.model import Batch, Quality, Reading
+from gateway.outbox import DEFAULT_OUTPUT as OUT
 from gateway.outbox import Outbox, read_stats
 from tests.helpers import SmallDisk, eventually
 
@@ -53,12 +54,12 @@ async def test_low_disk_is_a_cap_not_a_crash(
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1, warnings  # once per episode, not per batch
         assert "the disk is full" in warnings[0]
-        batch = await box.lease(100_000)
+        batch = await box.lease(OUT, 100_000)
         if policy == "drop_oldest":  # the newest kept, in order (refused rows got no seq)
             assert seqs(batch) == list(range(stats.last_seq - stats.depth + 1, stats.last_seq + 1))
         else:  # the oldest kept
             assert seqs(batch) == list(range(1, stats.depth + 1))
-        await box.release(batch)
+        await box.release(OUT, batch)
 
         # Space comes back: every reading is stored again, and the episode ends once.
         disk.free()
@@ -80,7 +81,7 @@ async def test_full_disk_refuses_and_counts_then_recovers(
     box = await Outbox.open(path)
     try:
         offered = await fill_outbox(box, disk, 10)
-        leased = await box.lease(500)
+        leased = await box.lease(OUT, 500)
         disk.fill(leave=0)
         for i in range(30):  # the WAL fills up; from then on each append is refused
             await box.append(readings(100, start=i))
@@ -88,7 +89,7 @@ async def test_full_disk_refuses_and_counts_then_recovers(
         stats = await box.stats()
         assert stats.dropped > 0
         assert stats.depth + stats.dropped == offered
-        ack = asyncio.create_task(box.ack(leased))
+        ack = asyncio.create_task(box.ack(OUT, leased))
         await eventually(
             lambda: any("deleted once there is room" in r.getMessage() for r in caplog.records) or ack.done(),
             timeout=20,
@@ -161,7 +162,7 @@ async def test_a_corrupt_outbox_found_on_a_full_disk_keeps_its_seq(
         opening.cancel()
     try:
         await box.append(readings(1))
-        (entry,) = (await box.lease(10)).entries
+        (entry,) = (await box.lease(OUT, 10)).entries
     finally:
         await box.close()
     # Nothing readable in the old file: seq goes on from the clock in microseconds.
@@ -183,7 +184,7 @@ async def test_a_batch_larger_than_the_room_left_is_stored_in_part(
         disk.fill(leave=2 * MB)  # below the reserve
         await box.append(readings(2000, start=100))
         stats = await box.stats()
-        batch = await box.lease(10_000)
+        batch = await box.lease(OUT, 10_000)
     finally:
         await box.close()
     stored = [e for e in batch.entries if e.seq > 100]

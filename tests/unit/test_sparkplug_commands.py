@@ -156,3 +156,9 @@ async def test_a_state_timestamp_past_a_floats_range_is_ignored(node: SparkplugN
     node._on_message(STATE, b'{"online": true, "timestamp": 1' + b"0" * 400 + b"}")
     assert node._host_online is False
     assert node._warned == {"state"}
+
+
+def test_a_flapping_device_while_the_node_cannot_publish_leaves_bounded_state(node: SparkplugNode) -> None:
+    for _ in range(100_000):
+        node.device_down("m1")
+    assert node.pending_deaths == 1024

@@ -73,7 +73,7 @@ class ModbusTag(Model):
     description: str | None = Field(default=None, description="Free text, published in the device's _meta.")
 
     @property
-    def datatype(self) -> str:
+    def datatype(self) -> DataType:
         if self.type is not None:
             return self.type
         return "bool" if self.table in BIT_TABLES else "uint16"

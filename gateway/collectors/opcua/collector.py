@@ -35,12 +35,12 @@ from asyncua.ua.uaerrors import UaError
 
 from gateway.collectors.deadband import Deadband
 from gateway.collectors.opcua.buffer import Buffer
-from gateway.collectors.opcua.convert import reading, status_name
+from gateway.collectors.opcua.convert import DATATYPES, reading, status_name
 from gateway.collectors.opcua.nodeid import NodeRef
 from gateway.collectors.opcua.security import open_client
 from gateway.collectors.opcua.settings import OpcUaDevice, OpcUaTag
 from gateway.errors import DeviceTimeout, NotConnected
-from gateway.model import Reading, Status, bad
+from gateway.model import Datatype, Reading, Status, bad
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,13 +119,13 @@ class OpcUaCollector:
         self._missing: dict[int, int] = {}  # handle -> status reported for it, while not monitored
         self._retry_at = 0.0  # monotonic time of the next attempt at missing tags
 
-    def value_type(self, tag: str) -> str | None:
-        """The OPC UA built-in type of the tag's last value (`Int16`, `DateTime`; `Double[]`
-        for an array), or None before the first value. For publishers that type metrics
-        (Sparkplug B): the JSON value alone does not tell Int16 from Int64."""
+    def datatype(self, tag: str) -> Datatype | None:
+        """The datatype of the tag's last value (`int16` for an Int16), or None before the first
+        value and for an array. For publishers that type metrics (Sparkplug B): the JSON value
+        alone does not tell Int16 from Int64."""
         for t in self._tags:
             if t.name == tag:
-                return t.variant
+                return DATATYPES.get(t.variant or "")
         return None
 
     @property

@@ -30,7 +30,7 @@ from typing import Any, cast
 from asyncua import ua
 from asyncua.ua.status_codes import code_to_name_doc
 
-from gateway.model import Quality, Reading, Status, Value
+from gateway.model import Datatype, Quality, Reading, Status, Value
 
 # The generic Uncertain code: a value of a type the gateway cannot represent in JSON was
 # received. Uncertain rather than Bad, because the node itself is fine; a consumer sees
@@ -89,6 +89,16 @@ _CONVERT: dict[ua.VariantType, Callable[[Any], Value]] = {
     _VT.String: _plain,
     _VT.DateTime: _datetime,
     _VT.ByteString: _bytes,
+}  # fmt: skip
+
+
+# The neutral datatype (gateway.model.Datatype) of each built-in type that has one. An array
+# has none: it travels as a list, which no scalar datatype describes.
+DATATYPES: dict[str, Datatype] = {
+    "Boolean": "bool", "SByte": "int8", "Byte": "uint8", "Int16": "int16", "UInt16": "uint16",
+    "Int32": "int32", "UInt32": "uint32", "Int64": "int64", "UInt64": "uint64",
+    "Float": "float32", "Double": "float64", "String": "string", "DateTime": "datetime",
+    "ByteString": "bytes",
 }  # fmt: skip
 
 

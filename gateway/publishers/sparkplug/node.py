@@ -41,12 +41,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.collectors.opcua.settings import OpcUaDevice
-from gateway.config import MqttSettings, SparkplugSettings
+from gateway.collectors import DatatypeSource, DeviceSettings
+from gateway.collectors.registry import protocol
+from gateway.config import MqttSettings, Settings, SparkplugSettings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import Batch, Entry, Quality, Reading, Status, Value
-from gateway.outbox import Outbox
+from gateway.model import Batch, Datatype, Entry, Quality, Reading, Status, Value
+from gateway.outbox import DEFAULT_OUTPUT, Outbox
+from gateway.publishers.formats import OutputContext
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
 from gateway.publishers.sparkplug.payload import (
@@ -73,27 +74,23 @@ _HISTORY_BATCHES = 4
 # strings in a handful of messages.
 _DDATA_BYTES = 256 * 1024
 BDSEQ = "bdSeq"
+# At least this many device down events wait for the live lane (16 per configured device).
+_MIN_DOWNS = 1024
+_MAX_WARNINGS = 1000
 
-_MODBUS_TYPES = {
-    "bool": DataType.BOOLEAN, "int16": DataType.INT16, "uint16": DataType.UINT16,
-    "int32": DataType.INT32, "uint32": DataType.UINT32, "int64": DataType.INT64,
-    "uint64": DataType.UINT64, "float32": DataType.FLOAT, "float64": DataType.DOUBLE,
-    "string": DataType.STRING,
+# The Sparkplug datatype of each neutral one (gateway.model.Datatype), whatever the protocol.
+# A value with no datatype known (an OPC UA array) is typed from the value itself: an array
+# travels as String (its JSON text).
+_DATATYPES: dict[Datatype, DataType] = {
+    "bool": DataType.BOOLEAN, "int8": DataType.INT8, "uint8": DataType.UINT8,
+    "int16": DataType.INT16, "uint16": DataType.UINT16, "int32": DataType.INT32,
+    "uint32": DataType.UINT32, "int64": DataType.INT64, "uint64": DataType.UINT64,
+    "float32": DataType.FLOAT, "float64": DataType.DOUBLE, "string": DataType.STRING,
+    "datetime": DataType.DATETIME, "bytes": DataType.BYTES,
 }  # fmt: skip
 
-
-# OPC UA built-in types with a Sparkplug datatype of their own. Arrays travel as String (their
-# JSON text); types the collector has no JSON form for arrive as null anyway.
-_OPCUA_TYPES = {
-    "Boolean": DataType.BOOLEAN, "SByte": DataType.INT8, "Byte": DataType.UINT8,
-    "Int16": DataType.INT16, "UInt16": DataType.UINT16, "Int32": DataType.INT32,
-    "UInt32": DataType.UINT32, "Int64": DataType.INT64, "UInt64": DataType.UINT64,
-    "Float": DataType.FLOAT, "Double": DataType.DOUBLE, "String": DataType.STRING,
-    "DateTime": DataType.DATETIME, "ByteString": DataType.BYTES,
-}  # fmt: skip
-
-TypeHint = Callable[[str], str | None]
-"""tag -> the OPC UA built-in type of its last value (OpcUaCollector.value_type)."""
+TypeHint = Callable[[str], Datatype | None]
+"""tag -> the datatype of its last value, as its collector learned it (DatatypeSource)."""
 
 
 @dataclass(slots=True)
@@ -108,16 +105,44 @@ class MetricSpec:
     born: DataType | None = None  # the datatype announced by the device's last DBIRTH
 
 
-def metric_types(device: ModbusDevice | OpcUaDevice) -> list[tuple[str, DataType | None, str | None]]:
-    """(tag, datatype, unit) of each tag of a configured device. A scaled Modbus register is a
-    Double; an OPC UA tag's datatype is not known before the server sends a value."""
-    if isinstance(device, OpcUaDevice):
-        return [(t.name, None, t.unit) for t in device.tags]
-    specs: list[tuple[str, DataType | None, str | None]] = []
-    for t in device.tags:
-        scaled = t.scale != 1.0 or t.offset != 0.0
-        specs.append((t.name, DataType.DOUBLE if scaled else _MODBUS_TYPES[t.datatype], t.unit))
-    return specs
+def metric_types(device: DeviceSettings) -> list[tuple[str, DataType | None, str | None]]:
+    """(tag, datatype, unit) of each tag of a configured device, as its protocol knows them
+    from the config (None: learned from the values)."""
+    return [
+        (tag, None if datatype is None else _DATATYPES[datatype], unit)
+        for tag, datatype, unit in protocol(device).metric_types(device)
+    ]
+
+
+def build(context: OutputContext) -> SparkplugNode:
+    """The Sparkplug B edge node of one output (FORMATS["sparkplug"]); its bdSeq is kept
+    beside the outbox."""
+    s, output = context.settings, context.output
+    sparkplug = output.sparkplug
+    # The config requires the section with format: sparkplug, and load fills in the ids.
+    assert sparkplug is not None
+    assert sparkplug.edge_node_id is not None
+    assert output.client_id is not None
+    hints = {c.name: c.datatype for _, c in context.collectors if isinstance(c, DatatypeSource)}
+    return SparkplugNode(
+        output,
+        sparkplug,
+        context.outbox,
+        edge_node_id=sparkplug.edge_node_id,
+        devices={device.name: metric_types(device) for device in s.devices},
+        bdseq=BdSeqFile(bdseq_path(s, output.name)),
+        client_id=output.client_id,
+        type_hints=hints,
+        output=output.name,
+    )
+
+
+def bdseq_path(settings: Settings, output: str = DEFAULT_OUTPUT) -> Path:
+    """Beside the outbox: `<outbox>.bdseq` for the output of the `mqtt:` shorthand (as before
+    there were several outputs), `<outbox>.<name>.bdseq` for another (one per edge node)."""
+    path = settings.outbox.path
+    middle = "" if output == DEFAULT_OUTPUT else f".{output}"
+    return path.with_name(f"{path.name}{middle}.bdseq")
 
 
 class BdSeqFile:
@@ -214,8 +239,10 @@ class SparkplugNode:
         bdseq: BdSeqFile,
         client_id: str,
         type_hints: Mapping[str, TypeHint] | None = None,
+        output: str = DEFAULT_OUTPUT,
     ) -> None:
         self._outbox = outbox
+        self._output = output  # its name in the outbox
         self._hints = dict(type_hints or {})
         self._batch = mqtt.batch
         self._version = mqtt.version
@@ -241,7 +268,10 @@ class SparkplugNode:
         # metric, which devices are up, and the down events not yet published.
         self._latest: dict[str, dict[str, Reading]] = {}
         self._alive: dict[str, bool] = {}
-        self._downs: deque[tuple[int, str]] = deque()
+        # Bounded: the events pile up only while no live batch goes out (a long replay, a
+        # host that stays offline), and a flapping device would add one per flap. When full the
+        # oldest go: no DDEATH for those outages (their Bad readings still go out as data).
+        self._downs: deque[tuple[int, str]] = deque(maxlen=max(_MIN_DOWNS, 16 * len(self._metrics)))
         # What the host has been told in this session (in publish order).
         self._current: dict[str, dict[str, Reading]] = {}
         self._born: set[str] = set()
@@ -267,21 +297,37 @@ class SparkplugNode:
     # -- the pollers' side -------------------------------------------------------------
 
     async def append(self, readings: list[Reading]) -> None:
-        """The pollers' sink: note the newest values, then commit them to the outbox.
+        """A sink for the pollers when this node is the only output: `note`, commit, `appended`."""
+        self.note(readings)
+        await self._outbox.append(readings)
+        self.appended()
 
-        Noted first: a birth while the commit is under way then announces these values
-        (and publishes them again as live DDATA), rather than older values while these
+    def note(self, readings: list[Reading]) -> None:
+        """Note the newest values of readings about to be committed to the outbox.
+
+        Noted before the commit: a birth while the commit is under way then announces these
+        values (and publishes them again as live DDATA), rather than older values while these
         go out as history."""
         latest, alive = self._latest, self._alive
         for r in readings:
             latest.setdefault(r.device, {})[r.tag] = r
             alive[r.device] = True
-        await self._outbox.append(readings)
+
+    def appended(self) -> None:
+        """Readings were committed: wake the publishing task."""
         self._wake.set()
+
+    @property
+    def pending_deaths(self) -> int:
+        """Device outages not yet told to the host (DDEATHs that wait for the live lane)."""
+        return len(self._downs)
 
     def device_down(self, device: str) -> None:
         """The poller's report that `device` stopped answering (after its Bad readings)."""
         self._alive[device] = False
+        if len(self._downs) == self._downs.maxlen:
+            what = "%d device outages wait for the host: the oldest are forgotten (no DDEATH for them; "
+            self._warn_once("downs", what + "their Bad readings are still published)", len(self._downs))
         self._downs.append((self._outbox.last_seq, device))
         self._wake.set()
 
@@ -411,7 +457,7 @@ class SparkplugNode:
         not yet published become history."""
         self._birth_due = False
         generation = self.connection.generation
-        boundary = self._outbox.begin_replay()
+        boundary = self._outbox.begin_replay(self._output)
         self._downs.clear()  # folded into the births: _alive says who is down
         self._current = {device: dict(values) for device, values in self._latest.items()}
         now = _now_ms()
@@ -434,7 +480,7 @@ class SparkplugNode:
             for topic, _ in exc.refused:
                 self._unborn(topic)
             self._warn_once("births refused", "births refused by the broker: %s", exc)
-        if self._outbox.replaying:
+        if self._outbox.replaying(self._output):
             log.info(
                 "births sent (bdSeq %d); replaying readings up to seq %d as historical", self.bdseq, boundary
             )
@@ -444,28 +490,28 @@ class SparkplugNode:
     async def _forward(self) -> bool:
         """One live batch, then (during a replay) one history batch; False when idle."""
         known = len(self._downs)  # events stamped before the lease: the lease covers them
-        live = await self._outbox.lease(self._batch, live=True)
+        live = await self._outbox.lease(self._output, self._batch, live=True)
         if await self._hold(live):
             return True
         messages, done, carried = self._messages(
             live, historical=False, known=known, short=len(live) < self._batch
         )
         await self._deliver(live, messages, done, carried)
-        if not self._outbox.replaying:
+        if not self._outbox.replaying(self._output):
             return bool(live) or bool(messages)
-        history = await self._outbox.lease(self._batch * _HISTORY_BATCHES)
+        history = await self._outbox.lease(self._output, self._batch * _HISTORY_BATCHES)
         if await self._hold(history):
             return True
         messages, done, carried = self._messages(history, historical=True)
         await self._deliver(history, messages, done, carried)
-        if not self._outbox.replaying:
+        if not self._outbox.replaying(self._output):
             log.info("replay of historical readings done")
         return True
 
     async def _hold(self, batch: Batch) -> bool:
         """Put `batch` back when a rebirth or a leave came meanwhile: no data before it."""
         if self._birth_due or self._leave_due:
-            await self._outbox.release(batch)
+            await self._outbox.release(self._output, batch)
             return True
         return False
 
@@ -478,7 +524,7 @@ class SparkplugNode:
         try:
             await self._send(messages)
         except BrokerUnavailable:
-            await self._outbox.release(batch)
+            await self._outbox.release(self._output, batch)
             raise
         except MessagesRefused as exc:
             # Every other message was confirmed (the barrier ran): the readings of a refused
@@ -488,11 +534,13 @@ class SparkplugNode:
             for i in exc.indices:
                 self._unborn(messages[i][0])
             self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
+        if (status := self.connection.status) is not None and done:
+            status.ack(done, refused=refused)
         if done == len(batch):
-            await self._outbox.ack(batch, refused=refused)
+            await self._outbox.ack(self._output, batch, refused=refused)
             return
-        await self._outbox.ack(Batch(batch.entries[:done]), refused=refused)
-        await self._outbox.release(Batch(batch.entries[done:]))
+        await self._outbox.ack(self._output, Batch(batch.entries[:done]), refused=refused)
+        await self._outbox.release(self._output, Batch(batch.entries[done:]))
 
     async def _send(self, messages: list[Message], *, barrier: bool = True) -> None:
         if not messages:
@@ -608,10 +656,11 @@ class SparkplugNode:
         return spec.datatype is not None and spec.born != spec.datatype
 
     def _infer(self, spec: MetricSpec, device: str, value: Value) -> None:
-        """Type a metric the config does not type: from the OPC UA type of its value where the
-        collector knows it and Sparkplug has a datatype for it, else from the value itself."""
+        """Type a metric the config does not type: from the datatype of its value where the
+        collector knows it, else from the value itself."""
         hint = self._hints.get(device)
-        datatype = _OPCUA_TYPES.get(hint(spec.name) or "") if hint is not None else None
+        learned = hint(spec.name) if hint is not None else None
+        datatype = None if learned is None else _DATATYPES[learned]
         if datatype is not None and fits(datatype, value):
             spec.datatype, spec.sure = datatype, True
         elif spec.datatype is None or not fits(spec.datatype, value):
@@ -705,6 +754,7 @@ class SparkplugNode:
         )
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
-        if key not in self._warned:
+        # (keys name kinds, and the devices the outbox holds: a few; bounded all the same)
+        if key not in self._warned and len(self._warned) < _MAX_WARNINGS:
             self._warned.add(key)
             log.warning(msg, *args)
