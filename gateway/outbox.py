@@ -286,6 +286,9 @@ class Outbox:
         self._after_commit: list[Callable[[], None]] = []  # in-memory changes that await its commit
         # The newest reading of each tag appended since open (saved into `latest` at close).
         self._newest: dict[tuple[str, str], Reading] = {}
+        # SQLite failed other than for a full disk: the file is not marked clean at close, so
+        # the next open checks it whole.
+        self._damaged = False
         # File-size estimate between measurements (see _used_bytes).
         self._used = 0
         self._measured_count = 0
@@ -327,14 +330,11 @@ class Outbox:
             raise ValueError("outputs must be one or more distinct names")
         lock = _lock(path)
         try:
-            db = await _connect_when_there_is_room(path, clock)
+            db, positions, (count, dropped, last_seq, page_size) = await _open_for(path, clock, outputs)
         except BaseException:
             os.close(lock)
             raise
         try:
-            positions = await _sync_outputs(db, path, outputs)
-            count, dropped, last_seq, page_size = next(iter(await db.execute_fetchall(_STATE)))
-            await _mark_open(db, path, last_seq or 0)
             state = (count, dropped, last_seq or 0, page_size)
             outbox = cls(
                 db, path, state=state, lock=lock, outputs=positions, max_rows=max_rows,
@@ -644,6 +644,7 @@ class Outbox:
                     return Batch(entries)
                 entries = await self._lease_in_order(out, n)
             except sqlite3.Error as exc:
+                self._damaged = True
                 raise OutboxError(f"outbox {self.path}: cannot lease: {exc}") from exc
             if out.split is not None and len(entries) < n:
                 await self._merge(out, leased=bool(entries))
@@ -837,8 +838,9 @@ class Outbox:
                 self._end_episode()
             # The newest values and the clean mark: with them the next open skips the check of
             # the whole file. Not saved (a full disk), the next open checks it and rebuilds them.
-            with contextlib.suppress(_DiskFull, OutboxError):
-                await self._write("save the newest values", self._save_newest)
+            if not self._damaged:
+                with contextlib.suppress(_DiskFull, OutboxError):
+                    await self._write("save the newest values", self._save_newest)
             if self._unsaved_dropped:
                 with contextlib.suppress(_DiskFull, OutboxError):
                     await self._write("save the drop count", _nothing)
@@ -864,6 +866,7 @@ class Outbox:
             if isinstance(exc, sqlite3.Error):
                 if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
                     raise _DiskFull(str(exc)) from exc
+                self._damaged = True
                 raise OutboxError(f"outbox {self.path}: cannot {what}: {exc}") from exc
             raise
 
@@ -990,13 +993,48 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
-async def _connect_when_there_is_room(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:
+async def _open_for(
+    path: Path, clock: Callable[[], float], outputs: Sequence[str]
+) -> tuple[aiosqlite.Connection, dict[str, tuple[int, int]], tuple[Any, ...]]:
+    """The database, marked open, with `outputs`' positions. A file closed cleanly is not
+    checked whole; if it turns out damaged all the same (the first reads fail), it is checked,
+    and moved aside. A full disk that refuses the few writes of opening is waited for."""
+    check = False
+    backoff = Backoff(initial=1.0, cap=10.0)
+    while True:
+        db = await _connect_when_there_is_room(path, clock, check=check)
+        try:
+            await _mark_open(db, path)
+            positions = await _sync_outputs(db, path, outputs)
+            # (count(*) reads every row: damage the quick check skipped shows here)
+            state = tuple(next(iter(await db.execute_fetchall(_STATE))))
+            return db, positions, state
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            code = exc.sqlite_errorcode & 0xFF
+            if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) and not check:
+                log.warning("outbox %s: damaged though it was closed cleanly (%s): checking it", path, exc)
+                check = True
+                continue
+            if code != sqlite3.SQLITE_FULL:
+                raise OutboxError(f"outbox {path}: {exc}") from exc
+            if backoff.attempts == 0:
+                log.error("outbox %s: the disk is full: cannot record the outputs; waiting for room", path)
+            await asyncio.sleep(backoff.next())
+        except BaseException:
+            await db.close()
+            raise
+
+
+async def _connect_when_there_is_room(
+    path: Path, clock: Callable[[], float], *, check: bool = False
+) -> aiosqlite.Connection:
     """`_connect`, waiting while it fails on a full disk: exiting would only make systemd
     restart the gateway into the same failure, every few seconds, for as long as it lasts."""
     backoff = Backoff(initial=1.0, cap=10.0)
     while True:
         try:
-            db = await _connect(path, clock)
+            db = await _connect(path, clock, check=check)
         except OutboxError as exc:
             st = os.statvfs(path.parent)
             free = st.f_bavail * st.f_frsize
@@ -1020,10 +1058,13 @@ async def _meta(db: aiosqlite.Connection, key: str) -> int | None:
     return int(rows[0][0]) if rows else None
 
 
-async def _mark_open(db: aiosqlite.Connection, path: Path, last_seq: int) -> None:
+async def _mark_open(db: aiosqlite.Connection, path: Path) -> None:
     """Note in the file that a gateway has it open (see 'clean'); after a stop that was not
-    clean, first bring the newest-value snapshot up to date from the rows left."""
+    clean, first bring the newest-value snapshot up to date from the rows left (before any
+    of them are deleted for an output removed from the config)."""
     try:
+        rows = list(await db.execute_fetchall(_LAST_SEQ_SOURCES[0]))
+        last_seq = rows[0][0] if rows else 0
         if await _meta(db, "clean") != 1:
             await db.execute(_FOLD_LATEST, (await _meta(db, "latest_seq") or 0,))
             await db.execute(_SET_META, ("latest_seq", last_seq))
@@ -1090,10 +1131,11 @@ def _entries(rows: Iterable[Sequence[Any]]) -> list[Entry]:
     ]  # fmt: skip
 
 
-async def _connect(path: Path, clock: Callable[[], float]) -> aiosqlite.Connection:
-    """Open and check the file; a corrupt one is moved aside and replaced, once."""
+async def _connect(path: Path, clock: Callable[[], float], *, check: bool = False) -> aiosqlite.Connection:
+    """Open and check the file (see _prepare; `check`: whole, whatever it says); a corrupt one
+    is moved aside and replaced, once."""
     try:
-        return await _prepare(path)
+        return await _prepare(path, check=check)
     except _Corrupt as exc:
         damage = str(exc)
     except sqlite3.Error as exc:
@@ -1165,7 +1207,7 @@ def _salvage_last_seq(path: Path) -> int | None:
     return max(found) if found else None
 
 
-async def _prepare(path: Path) -> aiosqlite.Connection:
+async def _prepare(path: Path, *, check: bool = False) -> aiosqlite.Connection:
     # Fail here, not inside aiosqlite, when the file cannot even be opened (missing directory,
     # permissions): a failed aiosqlite.connect leaves its worker thread to report to an event
     # loop that may already be closed. Opening a SQLite file is one open(2), cheap to do twice.
@@ -1177,11 +1219,12 @@ async def _prepare(path: Path) -> aiosqlite.Connection:
             raise OutboxError(f"outbox {path}: schema version {version} is newer than this gateway's")
         # quick_check reads every page, O(file size): 0.2 s for a million rows (49 MB, warm
         # cache), seconds from a cold SD card. Only a file that was not closed cleanly (a kill,
-        # a power cut, a crash) can be damaged by how it was left, so only such a file is checked.
-        if version > 0 and not (version >= 2 and await _meta(db, "clean") == 1):
-            (check,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
-            if check != "ok":
-                raise _Corrupt(f"quick_check: {check}")
+        # a power cut, a crash) can be damaged by how it was left, so only such a file is checked
+        # (and one in which opening meets damage all the same: see _open_for).
+        if version > 0 and (check or not (version >= 2 and await _meta(db, "clean") == 1)):
+            (verdict,) = next(iter(await db.execute_fetchall("PRAGMA quick_check(1)")))
+            if verdict != "ok":
+                raise _Corrupt(f"quick_check: {verdict}")
         await db.execute("PRAGMA journal_mode = WAL")
         # synchronous=NORMAL in WAL mode: a commit is in the OS page cache when append returns,
         # so it survives a process crash or kill -9; only an OS crash or power cut can lose the
