@@ -127,6 +127,10 @@ async def forward(
             continue
         try:
             await publisher.publish(batch)
+        except asyncio.CancelledError:
+            # Stopping: the batch goes back (and what the cap evicted of it meanwhile is counted).
+            await asyncio.shield(outbox.release(output, batch))
+            raise
         except BrokerUnavailable as lost:
             # The connection task reconnects; wait_connected() waits for it.
             if lost.settled:

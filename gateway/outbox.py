@@ -15,9 +15,9 @@ For a Sparkplug replay an output can split its rows in two lanes (`begin_replay`
 committed so far (history) and those committed later (live), leased separately so that a
 long backlog does not hold up live values.
 
-Each output has one batch out at a time in each lane, acked (or released) before it leases
-the next one in that lane, as the forwarding loops do: its position is then simply the end
-of its last acked batch.
+Each output has one batch out at a time, in either lane, acked (or released) before it leases
+the next, as the forwarding loops do: its position is then simply the end of its last acked
+batch, and the lanes can merge while a history batch is out.
 
 A full disk is a cap like `max_rows`, not a crash. The outbox keeps a reserve of free space
 (`_reserve`): below it, new rows must fit in pages the database already has (freed by acks or
@@ -820,13 +820,23 @@ class Outbox:
                 oldest, pages = next(iter(await self._db.execute_fetchall(_OLDEST_AND_PAGES)))
                 outputs = {}
                 for out in self._outputs.values():
-                    ((depth,),) = await self._db.execute_fetchall(_COUNT_AFTER, (out.position,))
-                    outputs[out.name] = OutputStats(depth, out.dropped, out.position)
+                    outputs[out.name] = OutputStats(await self._depth(out), out.dropped, out.position)
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: cannot read stats: {exc}") from exc
         age = None if oldest is None else self._clock() - oldest
         size = pages * self._page_size + _size(self._wal)
         return OutboxStats(self._count, age, self._dropped, size, self._last_seq, outputs)
+
+    async def _depth(self, out: _Cursor) -> int:
+        """The rows past `out`'s position, counted over the shorter range: those after it, or
+        (an output far behind) those before it, taken from the total. Not a scan of a backlog of
+        millions each minute while the outbox waits."""
+        if self._last_seq - out.position <= out.position - self._floor:
+            ((depth,),) = await self._db.execute_fetchall(_COUNT_AFTER, (out.position,))
+        else:
+            ((before,),) = await self._db.execute_fetchall(_COUNT_BETWEEN, (self._floor, out.position))
+            depth = self._count - before
+        return int(depth)
 
     async def close(self) -> None:
         """Wait for a write in progress, report an unfinished full episode, close the file.

@@ -523,8 +523,10 @@ class SparkplugNode:
         refused = 0
         try:
             await self._send(messages)
-        except BrokerUnavailable:
-            await self._outbox.release(self._output, batch)
+        except (BrokerUnavailable, asyncio.CancelledError):
+            # Lost, or stopping: the batch goes back (what the cap evicted of it meanwhile is
+            # counted then).
+            await asyncio.shield(self._outbox.release(self._output, batch))
             raise
         except MessagesRefused as exc:
             # Every other message was confirmed (the barrier ran): the readings of a refused
