@@ -16,7 +16,7 @@ from gateway.outbox import read_stats
 from simulators.modbus import ModbusSimulator
 from tests.conftest import MakeMosquitto, Subscribe
 from tests.e2e.conftest import RunGateway, assert_no_gap
-from tests.helpers import Message, Mosquitto
+from tests.helpers import Message, Mosquitto, eventually
 from tests.sparkplug_host import Host, seq_gaps
 
 ISA95 = {"enterprise": "acme", "site": "plant1", "area": "press-shop", "line": "line-1"}
@@ -146,6 +146,10 @@ async def test_a_uns_and_a_sparkplug_output_each_get_everything(
     assert "Traceback" not in gateway.text()
 
 
+def bad_strokes(m: Message) -> bool:
+    return m.topic == f"{TOPIC}/strokes" and m.json()["quality"] == "Bad"
+
+
 def historical(host: Host) -> bool:
     return any(m.is_historical for d in host.of("DDATA") for m in d.payload.metrics)
 
@@ -158,3 +162,62 @@ def uns_readings(messages: list[Message]) -> set[tuple[str, int]]:
             stamp = datetime.fromisoformat(m.json()["timestamp"].replace("Z", "+00:00"))
             out.add((m.topic.rsplit("/", 1)[1], round(stamp.timestamp() * 1000)))
     return out
+
+
+async def test_a_topic_one_broker_refuses_still_reaches_the_other(
+    simulator: ModbusSimulator, make_mosquitto: MakeMosquitto, subscriber: Subscribe, run_gateway: RunGateway,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    acl = tmp_path / "acl"
+    acl.write_text(f"pattern readwrite acme/#\npattern deny {TOPIC}/strokes\n")  # (MQTT 5: PUBACK 0x87)
+    strict, open_ = make_mosquitto(f"acl_file {acl}"), make_mosquitto()
+    sub_strict, sub_open = subscriber(strict, f"{TOPIC}/+"), subscriber(open_, f"{TOPIC}/+")
+    outbox = tmp_path / "outbox.db"
+    outputs = [{"name": "strict", "url": strict.url}, {"name": "open", "url": open_.url}]
+    gateway = run_gateway(config(simulator, outbox, outputs))
+    await sub_open.received(lambda ms: sum(m.topic.endswith("/strokes") for m in ms) >= 10, timeout=20)
+    await sub_strict.received(lambda ms: sum(m.topic.endswith("/temperature") for m in ms) >= 10, timeout=20)
+    # No new readings after the device's Bad ones, and both outputs have delivered them all.
+    await simulator.stop()
+    await sub_open.received(lambda ms: any(bad_strokes(m) for m in ms), timeout=20)
+    await eventually(
+        lambda: all(o.depth == 0 for o in read_stats(outbox).outputs.values()), timeout=20, what="caught up"
+    )
+    assert await gateway.terminate() == 0, gateway.text()
+
+    assert not [m for m in sub_strict.messages if m.topic.endswith("/strokes")]
+    assert_no_gap(seqs(sub_open.messages))
+    stats = read_stats(outbox)
+    assert stats.outputs["open"].dropped == 0
+    # Every strokes reading (the open broker has them all) was refused by the strict broker,
+    # and counted for that output only.
+    strokes = sum(m.topic.endswith("/strokes") for m in sub_open.messages)
+    assert strokes >= 10
+    assert stats.outputs["strict"].dropped == strokes
+    assert stats.dropped == strokes
+    assert gateway.text().count(f"broker refused readings on {TOPIC}/strokes") == 1
+
+
+async def test_an_output_removed_from_the_config_gives_up_its_backlog(
+    simulator: ModbusSimulator, make_mosquitto: MakeMosquitto, subscriber: Subscribe, run_gateway: RunGateway,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    local, gone = make_mosquitto(), make_mosquitto()
+    sub = subscriber(local, f"{TOPIC}/+")
+    outbox = tmp_path / "outbox.db"
+    gone.stop()  # its broker is away: readings pile up for it
+    both = [{"name": "local", "url": local.url}, {"name": "old", "url": gone.url}]
+    first = run_gateway(config(simulator, outbox, both))
+    await sub.received(lambda ms: len(seqs(ms)) >= 40, timeout=20)
+    assert await first.terminate() == 0, first.text()
+    assert read_stats(outbox).outputs["old"].depth >= 40
+
+    second = run_gateway(config(simulator, outbox, both[:1]))
+    mark = max(seqs(sub.messages))
+    await sub.received(lambda ms: max(seqs(ms)) >= mark + 20, timeout=20)
+    assert await second.terminate() == 0, second.text()
+    stats = read_stats(outbox)
+    assert set(stats.outputs) == {"local"}
+    assert stats.depth == stats.outputs["local"].depth  # nothing is kept for the removed output
+    assert "output old is no longer configured" in second.text()
+    assert_no_gap(seqs(sub.messages))
