@@ -221,3 +221,30 @@ async def test_an_output_removed_from_the_config_gives_up_its_backlog(
     assert stats.depth == stats.outputs["local"].depth  # nothing is kept for the removed output
     assert "output old is no longer configured" in second.text()
     assert_no_gap(seqs(sub.messages))
+
+
+async def test_two_sparkplug_outputs_are_two_edge_nodes(
+    simulator: ModbusSimulator, make_mosquitto: MakeMosquitto, subscriber: Subscribe, run_gateway: RunGateway,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    one, two = make_mosquitto(), make_mosquitto()
+    host_one, host_two = Host(one, subscriber(one, "spBv1.0/#")), Host(two, subscriber(two, "spBv1.0/#"))
+    outbox = tmp_path / "outbox.db"
+    sparkplug = {"format": "sparkplug", "sparkplug": {"group_id": "g"}}
+    outputs = [{"name": "one", "url": one.url, **sparkplug}, {"name": "two", "url": two.url, **sparkplug}]
+    gateway = run_gateway(config(simulator, outbox, outputs))
+    for host in (host_one, host_two):
+        await host.received(lambda s, h=host: len(h.of("DDATA")) >= 10, timeout=20)
+    await simulator.stop()  # each node tells its host of the outage
+    for host in (host_one, host_two):
+        await host.received(lambda s, h=host: len(h.of("DDEATH")) == 1, timeout=20)
+    assert await gateway.terminate() == 0, gateway.text()
+    for host in (host_one, host_two):
+        sparks = host.sparks
+        assert [s.topic for s in host.of("NBIRTH")] == ["spBv1.0/g/NBIRTH/edge-2"]
+        assert seq_gaps(sparks) == []
+        assert sparks[0].kind == "NBIRTH"
+    # Each node counts its own bdSeq, in a file of its own.
+    for name in ("one", "two"):
+        assert (tmp_path / f"outbox.db.{name}.bdseq").read_text().strip() == "0"
+    assert read_stats(outbox).dropped == 0
