@@ -118,6 +118,12 @@ async def forward(
     """
     refusals, suspect = _Refusals(), _Suspect()
     status = connection.status  # the output's figures in the State, if the engine keeps one
+
+    async def delivered(entries: list[Entry], refused: int = 0) -> None:
+        await outbox.ack(output, Batch(entries), refused=refused)
+        if status is not None:
+            status.ack(len(entries), refused=refused)
+
     while True:
         await outbox.wait(output)
         await connection.wait_connected()
@@ -134,26 +140,18 @@ async def forward(
         except BrokerUnavailable as lost:
             # The connection task reconnects; wait_connected() waits for it.
             if lost.settled:
-                await outbox.ack(output, Batch(batch.entries[: lost.settled]), refused=len(lost.refused))
+                await delivered(batch.entries[: lost.settled], len(lost.refused))
                 refusals.log(lost.refused)
-                if status is not None:
-                    status.ack(lost.settled, refused=len(lost.refused))
             if (poison := suspect.blame(batch, lost)) is not None:
-                await outbox.ack(output, Batch([poison]), refused=1)
-                if status is not None:
-                    status.ack(1, refused=1)
+                await delivered([poison], 1)
             await outbox.release(output, batch)
         except MessagesRefused as exc:
-            await outbox.ack(output, batch, refused=len(exc.refused))
+            await delivered(batch.entries, len(exc.refused))
             refusals.log(exc.refused)
             suspect.clear()
-            if status is not None:
-                status.ack(len(batch), refused=len(exc.refused))
         else:
-            await outbox.ack(output, batch)
+            await delivered(batch.entries)
             suspect.clear()
-            if status is not None:
-                status.ack(len(batch))
 
 
 async def cancel(tasks: list[asyncio.Task[None]]) -> None:

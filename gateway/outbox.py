@@ -363,6 +363,8 @@ class Outbox:
         """
         if not readings:
             return
+        # Noted before the commit: a Sparkplug birth meanwhile announces these values (see
+        # SparkplugNode._birth).
         newest = self._newest
         for r in readings:
             newest[r.device, r.tag] = r

@@ -264,9 +264,8 @@ class SparkplugNode:
             for tag, datatype, unit in specs:
                 self._add_metric(name, tag, datatype, unit)
 
-        # What has been appended to the outbox (in append order): the newest reading per
-        # metric, which devices are up, and the down events not yet published.
-        self._latest: dict[str, dict[str, Reading]] = {}
+        # What has been appended to the outbox (in append order): which devices are up, and
+        # the down events not yet published. (The newest reading per metric the outbox keeps.)
         self._alive: dict[str, bool] = {}
         # Bounded: the events pile up only while no live batch goes out (a long replay, a
         # host that stays offline), and a flapping device would add one per flap. When full the
@@ -303,14 +302,9 @@ class SparkplugNode:
         self.appended()
 
     def note(self, readings: list[Reading]) -> None:
-        """Note the newest values of readings about to be committed to the outbox.
-
-        Noted before the commit: a birth while the commit is under way then announces these
-        values (and publishes them again as live DDATA), rather than older values while these
-        go out as history."""
-        latest, alive = self._latest, self._alive
+        """Note that the devices of readings about to be committed to the outbox are up."""
+        alive = self._alive
         for r in readings:
-            latest.setdefault(r.device, {})[r.tag] = r
             alive[r.device] = True
 
     def appended(self) -> None:
@@ -432,10 +426,6 @@ class SparkplugNode:
 
     async def run(self) -> None:
         """Publish births, then the outbox, for as long as the gateway runs."""
-        # After a restart the births announce the newest buffered values (and the datatypes
-        # they tell), not nulls; what the pollers have appended since is newer and wins.
-        for r in await self._outbox.newest():
-            self._latest.setdefault(r.device, {}).setdefault(r.tag, r)
         while True:
             self._wake.clear()
             await self.connection.wait_connected()
@@ -458,8 +448,14 @@ class SparkplugNode:
         self._birth_due = False
         generation = self.connection.generation
         boundary = self._outbox.begin_replay(self._output)
+        # The newest value of each metric, also from before a restart (and the datatypes they
+        # tell), not nulls. Read after the split: a value the outbox takes meanwhile is
+        # announced and then published again as live DDATA, rather than announced older while
+        # it goes out as history (the outbox notes a value before it commits it).
+        self._current = {}
+        for r in await self._outbox.newest():
+            self._current.setdefault(r.device, {})[r.tag] = r
         self._downs.clear()  # folded into the births: _alive says who is down
-        self._current = {device: dict(values) for device, values in self._latest.items()}
         now = _now_ms()
         self._seq = 255  # the NBIRTH takes 0
         nbirth = Payload(timestamp=now, seq=self._next_seq())
