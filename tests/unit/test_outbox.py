@@ -194,21 +194,27 @@ asyncio.run(main())
 """
 
 
-async def test_committed_rows_survive_kill_9(path: Path) -> None:
+async def kill_writer(path: Path, after: int) -> int:
+    """Run WRITER on `path` and SIGKILL it once it said it committed `after` readings or more
+    (mid-stream: no close(), no checkpoint, no cleanup); what it said last."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, env=env
     )
     assert proc.stdout is not None
     committed = 0
-    while committed < 2000:
+    while committed < after:
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
         assert line, "the writer exited early"
         committed = int(line)
-    proc.send_signal(signal.SIGKILL)  # mid-stream: no close(), no checkpoint, no cleanup
+    proc.send_signal(signal.SIGKILL)
     await proc.communicate()
     assert proc.returncode == -signal.SIGKILL
+    return committed
 
+
+async def test_committed_rows_survive_kill_9(path: Path) -> None:
+    committed = await kill_writer(path, 2000)
     box = await Outbox.open(path)
     try:
         batch = await box.lease(OUT, 1_000_000)
@@ -614,14 +620,7 @@ async def test_the_file_says_whether_it_was_closed_cleanly(path: Path) -> None:
 
 
 async def test_a_killed_gateways_damaged_file_is_found_at_the_next_open(path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    while int(await asyncio.wait_for(proc.stdout.readline(), timeout=30) or 0) < 5000:
-        pass
-    proc.send_signal(signal.SIGKILL)
-    await proc.communicate()
+    await kill_writer(path, 5000)
     with contextlib.closing(sqlite3.connect(path)) as db:  # fold the WAL in, so the pages hold it all
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     smash_newest_pages(path)
@@ -650,15 +649,7 @@ async def test_newest_values_outlive_their_publication_and_a_restart(path: Path)
 
 
 async def test_newest_values_after_a_kill_come_from_the_rows_left(path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    committed = 0
-    while committed < 500:
-        committed = int(await asyncio.wait_for(proc.stdout.readline(), timeout=30) or 0)
-    proc.send_signal(signal.SIGKILL)
-    await proc.communicate()
+    await kill_writer(path, 500)
     box = await Outbox.open(path)
     try:
         (newest,) = await box.newest()

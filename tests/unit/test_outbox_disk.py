@@ -107,6 +107,15 @@ async def test_full_disk_refuses_and_counts_then_recovers(
     assert read_stats(path).dropped == stats.dropped
 
 
+async def waiting_for_room(caplog: pytest.LogCaptureFixture) -> None:
+    """Until an opening outbox has logged that it waits for the disk to have room."""
+    await eventually(
+        lambda: any("waiting for room" in r.getMessage() for r in caplog.records),
+        timeout=20,
+        what="the wait to be logged",
+    )
+
+
 async def test_open_on_a_full_disk_waits_for_room(
     small_disk: Callable[[int], SmallDisk], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -120,11 +129,7 @@ async def test_open_on_a_full_disk_waits_for_room(
     disk.fill(leave=0)
     opening = asyncio.create_task(Outbox.open(path))
     try:
-        await eventually(
-            lambda: any("waiting for room" in r.getMessage() for r in caplog.records),
-            timeout=20,
-            what="the wait to be logged",
-        )
+        await waiting_for_room(caplog)
         assert not opening.done()
         disk.free()
         box = await asyncio.wait_for(opening, timeout=30)
@@ -151,11 +156,7 @@ async def test_a_corrupt_outbox_found_on_a_full_disk_keeps_its_seq(
     disk.fill(leave=0)
     opening = asyncio.create_task(Outbox.open(path))
     try:
-        await eventually(
-            lambda: any("waiting for room" in r.getMessage() for r in caplog.records),
-            timeout=20,
-            what="the wait to be logged",
-        )
+        await waiting_for_room(caplog)
         disk.free()
         box = await asyncio.wait_for(opening, timeout=30)
     finally:
