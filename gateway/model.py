@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
 # A JSON-compatible value. Lists appear for OPC UA arrays.
 Value = bool | int | float | str | list["Value"] | None
@@ -77,6 +77,32 @@ class Reading:
         return self.source_time if self.source_time is not None else self.read_time
 
 
+# Device events: a device went down or came back, a tag's datatype was learned. The pollers
+# hand them to the outbox with the readings, as readings of tags no config can name (a tag
+# name may not start with "$"): the outbox keeps the newest of each (for births) and gives
+# them, in order between the readings, to the outputs that take them (Sparkplug), as Events
+# beside a Batch's entries. They take no seq: a UNS consumer still sees every seq.
+#   tag "$state",          value "down" or "up";
+#   tag "$datatype:{tag}", value the tag's Datatype.
+EVENT = "$"
+STATE_EVENT = "$state"
+DATATYPE_EVENT = "$datatype:"
+DOWN: Final = "down"
+UP: Final = "up"
+
+
+def state_event(device: str, state: Literal["down", "up"], now: float) -> Reading:
+    """`device` stopped answering (after its Bad readings) or answers again (before its values)."""
+    quality = Quality.GOOD if state == UP else Quality.BAD
+    status = Status.GOOD if state == UP else Status.BAD_NOT_CONNECTED
+    return Reading(device, STATE_EVENT, state, quality, status, None, now)
+
+
+def datatype_event(device: str, tag: str, datatype: Datatype, now: float) -> Reading:
+    """The device told `tag`'s datatype (an OPC UA server types its values), before its value."""
+    return Reading(device, DATATYPE_EVENT + tag, datatype, Quality.GOOD, Status.GOOD, None, now)
+
+
 def bad(device: str, tag: str, status: int, now: float, unit: str | None = None) -> Reading:
     """A Bad reading: no value, and the reason as an OPC UA status code."""
     return Reading(device, tag, None, Quality.BAD, status, None, now, unit)
@@ -111,13 +137,46 @@ class Entry:
 
 
 @dataclass(slots=True, frozen=True)
+class Event:
+    """A device event as an output takes it: `after` is the seq of the reading it follows
+    (its place in the stream; events take no seq of their own), `id` its order among events."""
+
+    id: int
+    after: int
+    reading: Reading
+
+
+@dataclass(slots=True, frozen=True)
 class Batch:
-    """Entries leased from the outbox, oldest first; acked or released as a whole."""
+    """Entries leased from the outbox, oldest first; acked or released as a whole.
+
+    `historical`: leased from the history lane of a replay (`Outbox.begin_replay`). `events`:
+    the device events among (and after) the entries, for an output that takes them.
+    `resync`: such an output fell so far behind that events it had not taken were forgotten:
+    it must announce the current state again (`Outbox.newest`, then `begin_replay`).
+    """
 
     entries: list[Entry]
+    historical: bool = False
+    events: tuple[Event, ...] = ()
+    resync: bool = False
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.events or self.resync)
+
+    def head(self, n: int) -> Batch:
+        """The first `n` entries, with the events before the next one."""
+        if n >= len(self.entries):
+            return self
+        cut = self.entries[n].seq
+        return Batch(self.entries[:n], self.historical, tuple(e for e in self.events if e.after < cut))
+
+    def tail(self, n: int) -> Batch:
+        """The entries after the first `n` (what goes back when `head(n)` went out)."""
+        return Batch(self.entries[n:], self.historical)
 
     @property
     def last_seq(self) -> int:

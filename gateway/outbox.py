@@ -15,6 +15,15 @@ For a Sparkplug replay an output can split its rows in two lanes (`begin_replay`
 committed so far (history) and those committed later (live), leased separately so that a
 long backlog does not hold up live values.
 
+Device events (`gateway.model.state_event`, `datatype_event`) come in with the readings
+but take no row and no seq, so a consumer's gap check stays true. The newest of each is
+written to the `latest` table in the append's transaction (births read it through `newest`,
+also after `kill -9`), and an output that takes events (it began a replay: its births
+folded in what came before) gets each one in a live batch, placed after the reading it
+followed (`Batch.events`). They wait in memory (MAX_EVENTS at most) until every such output
+acked them: what they say lasts in `latest`, so an output that falls further behind than
+that is told to announce the state again (`Batch.resync`) rather than miss an outage.
+
 Each output has one batch out at a time, in either lane, acked (or released) before it leases
 the next, as the forwarding loops do: its position is then simply the end of its last acked
 batch, and the lanes can merge while a history batch is out.
@@ -41,6 +50,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +60,14 @@ import aiosqlite
 
 from gateway.backoff import Backoff
 from gateway.errors import OutboxError, OutboxLocked
-from gateway.model import Batch, Entry, Quality, Reading, iso_millis
+from gateway.model import EVENT, Batch, Entry, Event, Quality, Reading, iso_millis
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop_oldest", "drop_newest")
+# Device events kept for the outputs that take them (see Outbox._events): a few per device
+# outage, so this many is hours of a flapping plant; beyond it, an output that lags resyncs.
+MAX_EVENTS = 10_000
 SCHEMA_VERSION = 2  # 2: one position per output (table output); 1 had a single consumer
 DEFAULT_OUTPUT = "mqtt"  # the output of a config with the `mqtt:` shorthand
 
@@ -203,8 +216,8 @@ class _Cursor:
     """One output's place in the outbox. `position` is what the file has (every row up to it
     was acked); the rest lives in memory and starts again from `position` after a restart."""
 
-    __slots__ = ("cursor", "done", "dropped", "live_acked", "live_cursor", "lost", "name", "position",
-                 "ready", "split")  # fmt: skip
+    __slots__ = ("cursor", "done", "dropped", "events_from", "events_lost", "live_acked", "live_cursor",
+                 "lost", "name", "position", "ready", "split")  # fmt: skip
 
     def __init__(self, name: str, position: int, dropped: int) -> None:
         self.name = name
@@ -220,7 +233,11 @@ class _Cursor:
         # Rows up to this seq were evicted while leased: if that batch is released rather than
         # acked, its evicted rows are lost to this output (counted then, not at eviction).
         self.lost = 0
-        self.ready = asyncio.Event()  # set while there may be unleased rows
+        self.ready = asyncio.Event()  # set while there may be unleased rows (or events)
+        # Device events: None if this output takes none (it never began a replay); else the
+        # id of the last event it has acked. `events_lost`: some it had not were forgotten.
+        self.events_from: int | None = None
+        self.events_lost = False
 
     def unleased(self, upto: int) -> list[tuple[int, int]]:
         """The seq ranges (lo, hi] up to `upto` that this output has neither leased nor acked."""
@@ -286,6 +303,11 @@ class Outbox:
         self._after_commit: list[Callable[[], None]] = []  # in-memory changes that await its commit
         # The newest reading of each tag appended since open (saved into `latest` at close).
         self._newest: dict[tuple[str, str], Reading] = {}
+        # Device events not yet acked by every output that takes them, oldest first, and the
+        # id of the last one. In memory only: what they say lasts in `latest` (written with
+        # them), and an output announces that state at every birth before it takes events.
+        self._events: deque[Event] = deque()
+        self._event_id = 0
         # SQLite failed other than for a full disk: the file is not marked clean at close, so
         # the next open checks it whole.
         self._damaged = False
@@ -365,19 +387,32 @@ class Outbox:
             return
         # Noted before the commit: a Sparkplug birth meanwhile announces these values (see
         # SparkplugNode._birth).
-        newest = self._newest
+        newest, events = self._newest, False
         for r in readings:
             newest[r.device, r.tag] = r
-        rows = _to_rows(readings)
-        # Shielded: a caller cancelled mid-commit must not leave the transaction done but the
-        # in-memory counters that mirror it stale; close() waits for it through the lock.
-        await asyncio.shield(self._append(rows))
+            if r.tag[0] == EVENT:  # (tag names are never empty)
+                events = True
+        if not events:
+            # Shielded: a caller cancelled mid-commit must not leave the transaction done but the
+            # in-memory counters that mirror it stale; close() waits for it through the lock.
+            await asyncio.shield(self._append(_to_rows(readings)))
+            return
+        # Device events take no row: each keeps its place as the number of readings before it.
+        kept: list[Reading] = []
+        placed: list[tuple[int, Reading]] = []
+        for r in readings:
+            if r.tag[0] == EVENT:
+                placed.append((len(kept), r))
+            else:
+                kept.append(r)
+        await asyncio.shield(self._append(_to_rows(kept), placed))
 
-    async def _append(self, rows: list[_Row]) -> None:
+    async def _append(self, rows: list[_Row], events: list[tuple[int, Reading]] | None = None) -> None:
         async with self._lock:
+            first = self._last_seq
             try:
                 stored, evicted, refused, disk_full = await self._write(
-                    "append", lambda retry: self._insert(rows, disk_full=retry)
+                    "append", lambda retry: self._insert_with(rows, events, disk_full=retry)
                 )
             except _DiskFull as exc:
                 # Nothing of this batch could be written, even after a checkpoint: refused,
@@ -395,13 +430,45 @@ class Outbox:
             self._last_seq += stored
             lost = self._count_losses()
             self._dropped += refused
-            if stored:
+            if events:
+                self._queue_events(first, stored, events)
+            if stored or events:
                 for out in self._outputs.values():
-                    out.ready.set()
+                    if stored or out.events_from is not None:
+                        out.ready.set()
             if refused or evicted:
                 self._note_dropped(refused + lost, self._disk_reason() if disk_full else None)
             elif self._full_since is not None and await self._has_room():
                 self._end_episode()
+
+    async def _insert_with(
+        self, rows: list[_Row], events: list[tuple[int, Reading]] | None, *, disk_full: bool
+    ) -> tuple[int, int, int, bool]:
+        """`_insert`, and the device events as the newest of their kind (births read them)."""
+        result = await self._insert(rows, disk_full=disk_full) if rows else (0, 0, 0, disk_full)
+        if events:
+            await self._db.executemany(_SAVE_LATEST, _to_rows(r for _, r in events))
+        return result
+
+    def _queue_events(self, first: int, stored: int, events: list[tuple[int, Reading]]) -> None:
+        """Committed: queue the events for the outputs that take them, each after the reading
+        it followed (of the `stored` rows that took the seqs after `first`). Bounded: past
+        MAX_EVENTS the oldest are forgotten, and an output that had not taken them resyncs."""
+        takers = [o for o in self._outputs.values() if o.events_from is not None]
+        if not takers:
+            return  # (nobody takes them: their state is in `latest`)
+        queue = self._events
+        for before, r in events:
+            self._event_id += 1
+            queue.append(Event(self._event_id, first + min(before, stored), r))
+        while len(queue) > MAX_EVENTS:
+            gone = queue.popleft().id
+            for out in takers:
+                assert out.events_from is not None
+                if out.events_from < gone and not out.events_lost:
+                    out.events_lost = True
+                    log.warning("outbox %s: output %s is %d device events behind: it announces the "
+                                "devices' state again", self.path, out.name, MAX_EVENTS)  # fmt: skip
 
     async def _insert(self, rows: list[_Row], *, disk_full: bool) -> tuple[int, int, int, bool]:
         """Inside a transaction: insert `rows` under the caps, by the policy. Returns the rows
@@ -618,6 +685,10 @@ class Outbox:
         Call it with no batch of `output` leased (between batches): a leased batch that is
         released afterwards is leased again in whichever lane its rows fall."""
         out = self._out(output)
+        # From here on the output takes device events; those before were folded into what it
+        # announces now (Outbox.newest).
+        out.events_from, out.events_lost = self._event_id, False
+        self._forget_events()
         boundary = self._last_seq
         if out.cursor >= boundary:
             out.split = None  # nothing unleased: nothing to replay
@@ -633,17 +704,22 @@ class Outbox:
         may be empty.
 
         During a replay, the oldest of the history lane, or with `live=True` of the live
-        lane; otherwise `live` makes no difference."""
+        lane; otherwise `live` makes no difference. An output that takes device events (it
+        began a replay once) gets those among and after the rows of a live batch, each in
+        its place (`Event.after`)."""
         if n < 1:
             raise ValueError("lease at least one row")  # SQLite reads LIMIT -1 as "no limit"
         out = self._out(output)
+        if out.events_lost:
+            return Batch([], resync=True)
         async with self._lock:
             try:
                 if out.split is not None and live:
                     entries = _entries(await self._db.execute_fetchall(_LEASE, (out.live_cursor, n)))
                     if entries:
                         out.live_cursor = entries[-1].seq
-                    return Batch(entries)
+                    return self._with_events(out, entries, full=len(entries) == n)
+                historical = out.split is not None
                 entries = await self._lease_in_order(out, n)
             except sqlite3.Error as exc:
                 self._damaged = True
@@ -652,7 +728,18 @@ class Outbox:
                 await self._merge(out, leased=bool(entries))
             if out.split is None and out.cursor >= self._last_seq:
                 out.ready.clear()
+            if historical:
+                return Batch(entries, historical=True)
+            return self._with_events(out, entries, full=len(entries) == n)
+
+    def _with_events(self, out: _Cursor, entries: list[Entry], *, full: bool) -> Batch:
+        """A live batch of `entries`, with the events `out` takes among them: those before
+        the last entry, or (if the lease was not `full`: it reached the end) all pending."""
+        if out.events_from is None or not self._events or self._events[-1].id <= out.events_from:
             return Batch(entries)
+        limit = entries[-1].seq if full else self._last_seq + 1
+        taken = tuple(e for e in self._events if e.id > out.events_from and e.after < limit)
+        return Batch(entries, events=taken)
 
     async def _lease_in_order(self, out: _Cursor, n: int) -> list[Entry]:
         """The next rows of the FIFO (or of the history lane), over the ranges acked already."""
@@ -699,6 +786,14 @@ class Outbox:
                     "save a position", lambda retry: self._advance(out, max(out.position, split), 0)
                 )
 
+    def _forget_events(self) -> None:
+        """Drop the events every output that takes them has acked."""
+        takers = [o.events_from for o in self._outputs.values() if o.events_from is not None]
+        floor = min(takers) if takers else self._event_id
+        queue = self._events
+        while queue and queue[0].id <= floor:
+            queue.popleft()
+
     async def newest(self) -> list[Reading]:
         """The newest reading of each (device, tag) the outbox was given, published or not, in
         this run or before it (kept across a restart): what a publisher that announces current
@@ -712,8 +807,14 @@ class Outbox:
         return list({**saved, **self._newest}.values())
 
     async def wait(self, output: str) -> None:
-        """Return when `output` may have unleased rows (at once if it has)."""
+        """Return when `output` may have unleased rows (at once if it has), or was woken."""
         await self._out(output).ready.wait()
+
+    def wake(self, output: str) -> None:
+        """End `output`'s `wait()` now, rows or not: its publisher has something to say
+        (births after a connect, a rebirth asked for). The next lease that finds nothing
+        makes `wait()` block again."""
+        self._out(output).ready.set()
 
     async def ack(self, output: str, batch: Batch, *, refused: int = 0) -> None:
         """`output` has delivered the batch: its broker confirmed it, or refused `refused` of
@@ -723,9 +824,12 @@ class Outbox:
         On a full disk the write is tried again until it goes through (publishing waits
         meanwhile: nothing it sends could be acked either); cancelled meanwhile, the rows stay
         and are published again after a restart (at-least-once)."""
+        out = self._out(output)
+        if batch.events and out.events_from is not None:
+            out.events_from = max(out.events_from, batch.events[-1].id)
+            self._forget_events()
         if not batch.entries:
             return
-        out = self._out(output)
         retry = Backoff(initial=0.1, cap=2.0)  # between tries while the disk is full
         while not await asyncio.shield(self._ack(out, batch.entries[0].seq, batch.last_seq, refused)):
             if retry.attempts == 0:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from gateway.backoff import Backoff
 from gateway.collectors import Collector
 from gateway.errors import DeviceError, DeviceTimeout
-from gateway.model import Reading, Status
+from gateway.model import DOWN, UP, Reading, Status, state_event
 from gateway.settings_types import RECONNECT_START
 from gateway.state import DeviceState
 
@@ -29,7 +29,9 @@ class _Outage:
     A device counts as back only after a read succeeded: one that accepts the TCP
     connection and then drops it is still down, and must not log "recovered" per retry.
     Likewise "connected" is logged after the first good read of each connection, and
-    noted in the device's `state` then.
+    noted in the device's `state` then. The outbox is told each change as a device event:
+    down after the outage's Bad readings, up before the first values of this run and of
+    each recovery (so the newest event says the device's state, also after a restart).
     """
 
     def __init__(self, state: DeviceState) -> None:
@@ -37,6 +39,7 @@ class _Outage:
         self.state = state
         self.since: float | None = None
         self.announced = False  # "connected" logged for the current connection
+        self.told_up = False  # the up event went out since the start or the last outage
 
     def begin(self, reason: str) -> bool:
         """Mark the device down; True if it was up until now."""
@@ -44,6 +47,7 @@ class _Outage:
             return False
         log.warning("device %s unreachable: %s", self.device, reason)
         self.since = time.monotonic()
+        self.told_up = False
         return True
 
     def connected(self, collector: Collector) -> None:
@@ -65,13 +69,13 @@ async def poll(
     *,
     backoff: Backoff | None = None,
     state: DeviceState | None = None,
-    on_down: Callable[[str], None] | None = None,
 ) -> None:
     """Read `collector` every `every` seconds forever, handing readings to `sink`.
 
     When the device becomes unreachable its tags are reported Bad once (not on every
-    retry), then `on_down(name)` is called (the Sparkplug node's DDEATH), and the poller
-    reconnects with backoff. The next readings after that mean it is back. Runs until
+    retry), followed by a down event (see `gateway.model.state_event`: the Sparkplug
+    DDEATH), and the poller reconnects with backoff. The first readings after that come
+    after an up event. Runs until
     cancelled. `state` (the device's entry in the gateway's `State`) is kept current: up or
     down, the last error and the counters.
     """
@@ -88,10 +92,9 @@ async def poll(
             if outage.begin(exc.reason):
                 timeout = isinstance(exc, DeviceTimeout)
                 status = Status.BAD_TIMEOUT if timeout else Status.BAD_COMMUNICATION_ERROR
-                if readings := collector.unavailable(status, time.time()):
-                    await sink(readings)
-                if on_down is not None:
-                    on_down(collector.name)
+                now = time.time()
+                bad = collector.unavailable(status, now)  # (buffered values first, if any)
+                await sink([*collector.told(), *bad, state_event(collector.name, DOWN, now)])
         finally:
             await collector.close()
         await asyncio.sleep(backoff.next())
@@ -104,10 +107,15 @@ async def _read_forever(
     due = loop.time()
     while True:
         readings = await collector.read()
+        if told := collector.told():  # (before the values they type)
+            readings = [*told, *readings]
         outage.connected(collector)
         outage.end()
         backoff.reset()
         state.reads += 1
+        if not outage.told_up:
+            outage.told_up = True
+            readings = [state_event(collector.name, UP, time.time()), *readings]
         if readings:
             await sink(readings)
         now = loop.time()

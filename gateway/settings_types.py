@@ -20,6 +20,8 @@ from pydantic import (
     Strict,
 )
 
+from gateway.model import EVENT
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # Every interval and timeout in the config (poll, timeout, publishing_interval, ...) lies in
@@ -203,6 +205,16 @@ Segment = Annotated[
     Field(min_length=1, max_length=128, pattern=r"^[^+#/\s][^+#/]*$"),
     BeforeValidator(_topic_level),
 ]
+
+
+def _not_an_event(value: str) -> str:
+    if value.startswith(EVENT):
+        raise ValueError(f"may not start with {EVENT!r}: such names are the gateway's device events")
+    return value
+
+
+# Tag names: topic segments, and not the names of device events (gateway.model.EVENT).
+TagName = Annotated[Segment, AfterValidator(_not_an_event)]
 
 # Strings the CONNECT packet carries (client id, user name).
 MqttString = Annotated[str | None, AfterValidator(_mqtt_string)]

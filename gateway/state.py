@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.model import Reading
+from gateway.model import EVENT, Reading
 
 if TYPE_CHECKING:
     from gateway.outbox import Outbox, OutboxStats
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # The latest value is kept for every configured tag and, beyond those, for at most this many
 # (device, tag) pairs the config does not name (today every reading is of a configured tag;
-# browsed OPC UA nodes or device-state markers may not be). Past the cap such readings still
+# browsed OPC UA nodes may not be). Past the cap such readings still
 # go to the outbox; only their latest value is not kept, and that is logged once.
 UNCONFIGURED_TAGS = 1_000
 
@@ -157,10 +157,13 @@ class State:
         bound checked once per batch. A batch may take the dict past the bound by its own
         size until the check trims it.
         """
-        latest = self.latest
+        latest, taken = self.latest, 0
         for r in readings:
+            if r.tag[0] == EVENT:  # a device event (tag names are never empty): the devices say it
+                continue
             latest[r.device, r.tag] = r
-        self.readings += len(readings)
+            taken += 1
+        self.readings += taken
         if len(latest) > self._limit:
             self._trim()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from gateway.model import Datatype, Reading
 from gateway.settings_types import AssetOverride
@@ -46,15 +46,9 @@ class Collector(Protocol):
     def summary(self) -> str:
         """What a connection reads, for the log line once it works: `17 tags, 4 requests`."""
 
-
-@runtime_checkable
-class DatatypeSource(Protocol):
-    """A collector that learns its tags' datatypes from the device (an OPC UA server sends
-    typed values; a Modbus tag's datatype is in the config, see `ProtocolEntry.metric_types`)."""
-
-    def datatype(self, tag: str) -> Datatype | None:
-        """The datatype of the tag's last value, or None before the first value (or for a
-        type with no neutral name, such as an array)."""
+    def told(self) -> list[Reading]:
+        """Device events the device told since the last call (an OPC UA server types its
+        values: `gateway.model.datatype_event`); the poller puts them before the readings."""
 
 
 class TagSettings(Protocol):

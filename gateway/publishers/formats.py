@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.collectors import Collector, DeviceSettings
     from gateway.config import Settings
     from gateway.outbox import Outbox
-    from gateway.publishers.mqtt import MqttConnection
+    from gateway.publishers import Publisher
     from gateway.publishers.settings import OutputSettings
 
 
@@ -32,24 +32,14 @@ class OutputContext:
     collectors: Sequence[tuple[DeviceSettings, Collector]]
 
 
-class Built(Protocol):
-    """What a format's `build` returns: a publisher on its own MQTT connection, which the
-    engine runs (`connection.run()`) and closes (`close()`: the format's goodbye, then the
-    disconnect)."""
-
-    @property
-    def connection(self) -> MqttConnection: ...
-
-    async def close(self) -> None: ...
-
-
-Factory = Callable[[OutputContext], Built]
+Factory = Callable[[OutputContext], "Publisher"]
+"""What a format's `build` is: the `Publisher` of one output, on its own MQTT connection."""
 
 
 def _lazy(module: str) -> Factory:
     """The `build` of `module`, which is imported on the first call."""
 
-    def build(context: OutputContext) -> Built:
+    def build(context: OutputContext) -> Publisher:
         factory: Factory = importlib.import_module(module).build
         return factory(context)
 

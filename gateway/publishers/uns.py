@@ -24,6 +24,7 @@ from gateway import __version__
 from gateway.config import GatewaySettings, MqttSettings
 from gateway.errors import MessagesRefused
 from gateway.model import AssetPath, Batch, Entry, Quality, Status, iso_millis
+from gateway.publishers import Published
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
 
@@ -130,13 +131,23 @@ class UnsPublisher:
         except ValueError:
             return _non_finite(doc)
 
-    async def publish(self, batch: Batch) -> None:
+    @property
+    def due(self) -> bool:
+        """Never: status and `_meta` go out from the connection's on-connect hook, before
+        the connection counts as ready, so no batch can come before them."""
+        return False
+
+    async def publish(self, batch: Batch) -> Published:
         """Publish every entry (QoS 1); return when the broker acknowledged all of them.
         One message per entry, in order: `forward` maps what the broker confirmed or refused
-        back to the entries by their index."""
+        back to the entries by their index. (A UNS output takes no device events.)"""
         topic, payload = self.topic, self.payload
         messages = [(topic(e.reading.device, e.reading.tag), payload(e), 1, False) for e in batch.entries]
-        await self._connection.publish_many(messages)
+        try:
+            await self._connection.publish_many(messages)
+        except MessagesRefused as exc:
+            return Published(len(messages), len(exc.refused), exc.refused)
+        return Published(len(messages))
 
     async def announce(self) -> None:
         """Publish the retained `_meta` messages and the online status (the connection's

@@ -175,6 +175,25 @@ async def test_polling_reads_every_tag_each_cycle(sim: OpcUaSimulator, make_coll
     assert second["spindle_speed"].source_time > latest(first)["spindle_speed"].source_time  # type: ignore[operator]
 
 
+async def test_the_datatypes_the_server_tells_become_events_once(
+    sim: OpcUaSimulator, make_collector: MakeCollector
+) -> None:
+    """The collector tells the poller each tag's datatype as the server types its first value
+    (Sparkplug births announce it), once, not with every value; an array tells none."""
+    collector = await make_collector(device(sim, mode="poll"))
+    assert collector.told() == []
+    await collector.read()
+    told = {r.tag: r.value for r in collector.told()}
+    assert {k: told[f"$datatype:{k}"] for k in ("spindle_speed", "spindle_load", "direction", "revolutions",
+                                                   "part_count", "tool", "cycle_start", "checksum")} == {
+        "spindle_speed": "float64", "spindle_load": "float32", "direction": "int8", "revolutions": "uint64",
+        "part_count": "uint32", "tool": "uint8", "cycle_start": "datetime", "checksum": "bytes",
+    }  # fmt: skip
+    assert "$datatype:positions" not in told
+    await collector.read()
+    assert collector.told() == []
+
+
 async def test_deadband_filters_at_the_server_and_here(
     sim: OpcUaSimulator, make_collector: MakeCollector
 ) -> None:

@@ -14,7 +14,7 @@ from gateway.app import cancel
 from gateway.backoff import Backoff
 from gateway.collectors.modbus.collector import ModbusCollector
 from gateway.collectors.modbus.settings import ModbusDevice
-from gateway.model import Quality, Reading
+from gateway.model import STATE_EVENT, Quality, Reading
 from gateway.poller import poll
 from gateway.state import DeviceState
 from simulators.modbus import ModbusSimulator
@@ -56,7 +56,17 @@ class Sink:
         self.readings.extend(readings)
 
     def of(self, device: str) -> list[Reading]:
-        return [r for r in self.readings if r.device == device]
+        """The device's readings (not its events)."""
+        return [r for r in self.readings if r.device == device and not r.tag.startswith("$")]
+
+    def states(self, device: str) -> list[str]:
+        """What the device's readings and state events said, in order: up, Good, Bad, down."""
+        said = [
+            str(r.value) if r.tag == STATE_EVENT else r.quality.value
+            for r in self.readings
+            if r.device == device
+        ]
+        return [s for i, s in enumerate(said) if i == 0 or s != said[i - 1]]
 
 
 async def run_for(seconds: float, *pollers: Coroutine[Any, Any, None]) -> None:
@@ -120,6 +130,9 @@ async def test_recovery_is_reported_once_and_values_resume(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("unreachable" in m for m in messages) == 1, messages
     assert sum("recovered" in m for m in messages) == 1, messages
+    # The outbox (and so each output) is told in order: up before the first values, down
+    # after the outage's Bad readings, up again before the values that follow it.
+    assert sink.states("press") == ["up", "Good", "Bad", "down", "up", "Good"]
 
 
 async def test_a_read_that_overruns_skips_ticks_and_counts_them(

@@ -1,5 +1,6 @@
 """The edge node's decisions, driven reading by reading: a real outbox, a real mosquitto and the
-test host, with the readings handed to the node as the pollers would.
+test host, with the readings and device events appended to the outbox as the pollers would,
+and the node run by the engine's forward loop.
 
 Requirement ids are those of `shared/reference/sparkplug-3.0-requirements.txt`.
 """
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import cancel
+from gateway.app import cancel, forward
 from gateway.config import MqttSettings, SparkplugSettings
-from gateway.model import Quality, Reading, Status, Value
+from gateway.model import DOWN, Quality, Reading, Status, Value, datatype_event, state_event
 from gateway.outbox import Outbox
 from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode
 from gateway.publishers.sparkplug.payload import DataType, Payload
@@ -30,14 +31,18 @@ def reading(device: str, tag: str, value: Value, at: float | None = None) -> Rea
     return Reading(device, tag, value, quality, status, None, at if at is not None else time.time())
 
 
-class Node:
-    """A node and its two tasks (connection, publishing), stopped cleanly by `stop()`."""
+def down(device: str) -> Reading:
+    return state_event(device, DOWN, time.time())
 
-    def __init__(self, node: SparkplugNode) -> None:
+
+class Node:
+    """A node and its two tasks (connection, the forward loop), stopped cleanly by `stop()`."""
+
+    def __init__(self, node: SparkplugNode, outbox: Outbox) -> None:
         self.node = node
         self.tasks = [
             asyncio.create_task(node.connection.run(), name="mqtt"),
-            asyncio.create_task(node.run(), name="sparkplug"),
+            asyncio.create_task(forward(outbox, node, node.connection, 500), name="forward"),
         ]
 
     async def stop(self) -> None:
@@ -81,14 +86,13 @@ async def test_history_of_a_dead_device_goes_between_dbirth_and_ddeath(
     getting data for a dead device."""
     # Buffered before the node ever connected: m1 had readings, then went down.
     node = make_node(mosquitto, outbox, tmp_path)
-    await node.append([reading("m1", "t", 1.0), reading("m2", "t", 2.0)])
-    await node.append([reading("m1", "t", None)])
-    node.device_down("m1")
+    await outbox.append([reading("m1", "t", 1.0), reading("m2", "t", 2.0)])
+    await outbox.append([reading("m1", "t", None), down("m1")])
     h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
-    running = Node(node)
+    running = Node(node, outbox)
     try:
         sparks = await h.received(lambda s: device(s, "m1").count("DDEATH") == 2)
-        await node.append([reading("m2", "t", 3.0)])
+        await outbox.append([reading("m2", "t", 3.0)])
         sparks = await h.received(lambda s: device(s, "m2")[-1:] == ["DDATA"] and len(h.of("DDATA")) >= 3)
     finally:
         await running.stop()
@@ -113,28 +117,28 @@ async def test_a_learned_datatype_brings_a_rebirth_before_the_value(
     )
     h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#", client_id="scada", persistent=True))
     node = make_node(mosquitto, outbox, tmp_path, opcua=True)
-    running = Node(node)
+    running = Node(node, outbox)
     try:
         await h.received(lambda s: len(h.of("DBIRTH")) == 2)
         first = h.of("DBIRTH")[0].metric("t")
         assert (first.datatype, first.is_null) == (DataType.STRING, True)
-        await node.append([reading("m1", "t", True)])
+        await outbox.append([reading("m1", "t", True)])
         sparks = await h.received(lambda s: len(h.of("DDATA")) == 1)
         assert len(h.of("NBIRTH")) == 2
         reborn = [s for s in sparks if s.kind == "DBIRTH" and s.device == "m1"][-1].metric("t")
         assert reborn.datatype == DataType.BOOLEAN
         assert h.of("DDATA")[0].payload.metrics[0].boolean_value is True
         # A live value that does not fit: another rebirth, as Double.
-        await node.append([reading("m1", "t", 21.5)])
+        await outbox.append([reading("m1", "t", 21.5)])
         await h.received(lambda s: len(h.of("NBIRTH")) == 3 and len(h.of("DDATA")) == 2)
         # An old value of another type (made while the broker was away, so history in the
         # next session): null, and no rebirth for it.
         mosquitto.stop()
-        await node.append([reading("m1", "t", "abc")])
+        await outbox.append([reading("m1", "t", "abc")])
         mosquitto.start()
         await h.received(lambda s: len(h.of("NBIRTH")) == 4 and len(h.of("DDATA")) == 3, timeout=20)
         # A bool still fits the Double (as 0 or 1): no rebirth back and forth.
-        await node.append([reading("m1", "t", False)])
+        await outbox.append([reading("m1", "t", False)])
         await h.received(lambda s: len(h.of("DDATA")) == 4)
     finally:
         await running.stop()
@@ -157,14 +161,14 @@ async def test_offline_state_during_a_pending_rebirth_still_ends_the_session(
     t0 = int(time.time() * 1000)
     h.state(online=True, timestamp=t0)
     node = make_node(mosquitto, outbox, tmp_path, host="scada")
-    running = Node(node)
+    running = Node(node, outbox)
     try:
         await h.received(lambda s: len(h.of("DBIRTH")) == 2)
         # Both arrive back to back; the rebirth is still pending when the STATE is handled.
         h.rebirth("g", "n", t0 + 1)
         h.state(online=False, timestamp=t0 + 2)
         await h.received(lambda s: len(h.of("NDEATH")) == 1)
-        await node.append([reading("m1", "t", 1.0)])
+        await outbox.append([reading("m1", "t", 1.0)])
         await asyncio.sleep(0.5)
         assert h.of("DDATA") == []  # offline: the reading waits
         h.state(online=True, timestamp=t0 + 3)
@@ -188,7 +192,6 @@ async def test_after_a_restart_births_carry_the_backlogs_newest_values(
     backlog = [reading("m1", "t", float(i), at=1000.0 + i) for i in range(3)]
     backlog += [reading("m2", f"x{i}", 5, at=1000.0) for i in range(20)]
     await outbox.append(backlog)
-    known: dict[str, str] = {}
     h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
     node = SparkplugNode(
         MqttSettings(url=mosquitto.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")),
@@ -198,9 +201,8 @@ async def test_after_a_restart_births_carry_the_backlogs_newest_values(
         devices={"m1": [("t", None, None)], "m2": [(f"x{i}", None, None) for i in range(20)]},
         bdseq=BdSeqFile(tmp_path / "bdseq"),
         client_id="node-under-test",
-        type_hints={"m2": known.get},
     )
-    running = Node(node)
+    running = Node(node, outbox)
     try:
         sparks = await h.received(
             lambda s: sum(len(x.payload.metrics) for x in h.of("DDATA")) == len(backlog)
@@ -210,14 +212,47 @@ async def test_after_a_restart_births_carry_the_backlogs_newest_values(
         assert (m1.metric("t").datatype, m1.metric("t").double_value) == (DataType.DOUBLE, 2.0)
         assert {m.datatype for m in m2.payload.metrics} == {DataType.INT64}  # guessed from 5
         # The device connects: the server says Int16.
-        known.update({f"x{i}": "int16" for i in range(20)})
-        await node.append([reading("m2", "x0", 6)])
+        told = [datatype_event("m2", f"x{i}", "int16", time.time()) for i in range(20)]
+        await outbox.append([*told, reading("m2", "x0", 6)])
         sparks = await h.received(lambda s: len(h.of("NBIRTH")) == 2 and s[-1].kind == "DDATA")
     finally:
         await running.stop()
     reborn = [s for s in sparks if s.kind == "DBIRTH" and s.device == "m2"][-1]
-    assert reborn.metric("x0").datatype == DataType.INT16
+    assert {m.datatype for m in reborn.payload.metrics} == {DataType.INT16}
     assert mismatched_values(h.sparks) == []
+
+
+async def test_births_after_a_restart_know_from_the_outbox_who_is_down_and_the_datatypes_told(
+    mosquitto: Mosquitto, subscriber: Subscribe, tmp_path: Path
+) -> None:
+    """Nothing the node needs lives only in memory: the device events of a previous run are in
+    the outbox, so the first births after a restart announce the datatype the server told
+    (not a null String, nor one guessed from a value) and a DDEATH for the device that went
+    down, before its history (DBIRTH, DDATA, DDEATH) and the readings of the other device."""
+    path = tmp_path / "outbox.db"
+    before = await Outbox.open(path)
+    await before.append([datatype_event("m1", "t", "int16", 1000.0), reading("m1", "t", 5, at=1000.0)])
+    await before.append([datatype_event("m2", "t", "float32", 1001.0), reading("m2", "t", 2.5, at=1001.0)])
+    await before.append([reading("m1", "t", None, at=1002.0), down("m1")])
+    await before.close()
+    outbox = await Outbox.open(path)
+    h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
+    running = Node(make_node(mosquitto, outbox, tmp_path, opcua=True), outbox)
+    try:
+        sparks = await h.received(lambda s: device(s, "m1").count("DDEATH") == 2 and len(h.of("DDATA")) == 2)
+        await outbox.append([reading("m2", "t", 3.5)])
+        sparks = await h.received(lambda s: len(h.of("DDATA")) == 3)
+    finally:
+        await running.stop()
+        await outbox.close()
+    assert len(h.of("NBIRTH")) == 1  # the datatypes were known: no rebirth
+    births = {s.device: s.metric("t") for s in sparks if s.kind == "DBIRTH"}
+    assert (births["m1"].datatype, births["m2"].datatype) == (DataType.INT16, DataType.FLOAT)
+    # m1 is down at the birth; its history goes between a DBIRTH and a DDEATH.
+    assert device(sparks, "m1") == ["DBIRTH", "DDEATH", "DBIRTH", "DDATA", "DDEATH"]
+    assert device(sparks, "m2") == ["DBIRTH", "DDATA", "DDATA"]
+    assert h.of("DDATA")[-1].payload.metrics[0].float_value == 3.5
+    assert seq_gaps(sparks) == []
 
 
 async def test_hostile_commands_leave_the_node_working(
@@ -228,7 +263,7 @@ async def test_hostile_commands_leave_the_node_working(
     message (its warnings are one per kind)."""
     node = make_node(mosquitto, outbox, tmp_path)
     h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
-    running = Node(node)
+    running = Node(node, outbox)
     try:
         await h.received(lambda s: len(h.of("DBIRTH")) == 2)
         crowd = Payload()
@@ -240,7 +275,7 @@ async def test_hostile_commands_leave_the_node_working(
             h.publish(f"spBv1.0/g/DCMD/n/device-{i}", crowd.SerializeToString()[: i * 7], qos=1)
         h.rebirth("g", "n", int(time.time() * 1000))
         await h.received(lambda s: len(h.of("NBIRTH")) == 2)
-        await node.append([reading("m1", "t", 7.0)])
+        await outbox.append([reading("m1", "t", 7.0)])
         await h.received(
             lambda s: any(m.double_value == 7.0 for d in h.of("DDATA") for m in d.payload.metrics)
         )
@@ -269,11 +304,11 @@ async def test_a_ddata_over_the_brokers_maximum_packet_size_is_split(
         client_id="node-under-test",
     )
     h = Host(broker, subscriber(broker, "spBv1.0/#"))
-    running = Node(node)
+    running = Node(node, outbox)
     try:
         await h.received(lambda s: len(h.of("DBIRTH")) == 1)
         # Ten readings of each tag in one append, so in one lease: 500 metrics, some 15 kB.
-        await node.append(
+        await outbox.append(
             [reading("m1", t, float(10 * i + k)) for k in range(10) for i, t in enumerate(tags)]
         )
         sparks = await h.received(lambda s: sum(len(d.payload.metrics) for d in h.of("DDATA")) >= 500)

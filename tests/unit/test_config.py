@@ -124,6 +124,7 @@ def test_every_shipped_config_passes_check(file: Path) -> None:
         ("devices.0.tags.0.bit", 3, "devices[0].tags[0]", "bit applies only to type bool"),
         ("devices.0.tags.0.name", "temp/1", "devices[0].tags[0].name", "pattern"),
         ("devices.0.tags.0.name", "temp+", "devices[0].tags[0].name", "pattern"),
+        ("devices.0.tags.0.name", "$state", "devices[0].tags[0].name", "may not start with '$'"),
         (
             "devices.0.tags.1",
             {"name": "strokes", "table": "holding", "address": 1, "type": "uint32"},

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import MqttSettings, SparkplugSettings
-from gateway.outbox import Outbox
+from gateway.model import DOWN, Quality, Reading, state_event
+from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.publishers.sparkplug.node import REBIRTH, BdSeqFile, SparkplugNode
 from gateway.publishers.sparkplug.payload import DataType, Payload
 
@@ -158,7 +159,21 @@ async def test_a_state_timestamp_past_a_floats_range_is_ignored(node: SparkplugN
     assert node._warned == {"state"}
 
 
-def test_a_flapping_device_while_the_node_cannot_publish_leaves_bounded_state(node: SparkplugNode) -> None:
-    for _ in range(100_000):
-        node.device_down("m1")
-    assert node.pending_deaths == 1024
+async def test_a_flapping_device_is_told_in_order_and_leaves_nothing_behind(node: SparkplugNode) -> None:
+    """Outages travel in the outbox with the readings (nothing waits in the node's memory,
+    however often a device flaps): each becomes a DDEATH right after the device's last
+    DDATA, and its next reading brings a DBIRTH first."""
+    node._outbox.begin_replay(DEFAULT_OUTPUT)  # as the births do: from now on it takes events
+    flaps = [r for i in range(1000) for r in (reading("m1", "t", float(i)), state_event("m1", DOWN, 1.0 + i))]
+    await node._outbox.append(flaps)
+    batch = await node._outbox.lease(DEFAULT_OUTPUT, len(flaps), live=True)
+    assert (len(batch), len(batch.events)) == (1000, 1000)  # the events take no seq
+    messages, done, carried = node._messages(batch, historical=False)
+    assert done == len(batch)
+    assert [topic.split("/")[2] for topic, *_ in messages] == ["DBIRTH", "DDATA", "DDEATH"] * 1000
+    assert sorted(carried.values()) == [1] * 1000  # one reading per DDATA, none lost
+    assert node._born == set()
+
+
+def reading(device: str, tag: str, value: float) -> Reading:
+    return Reading(device, tag, value, Quality.GOOD, 0, None, 1.0)

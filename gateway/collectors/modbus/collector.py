@@ -215,6 +215,10 @@ class ModbusCollector:
         """`17 tags, 4 requests`: the tags and the requests that read them each poll."""
         return f"{_count(len(self._codecs), 'tag')}, {_count(len(self._plan.requests), 'request')}"
 
+    def told(self) -> list[Reading]:
+        """None: a Modbus tag's datatype is its config's (`ModbusProtocol.metric_types`)."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Metadata for the retained `_meta` message.
 

@@ -18,6 +18,7 @@ from gateway.settings_types import (
     NonNegativeFloat,
     ReconnectMax,
     Segment,
+    TagName,
     check_unique,
 )
 
@@ -37,7 +38,7 @@ BIT_TABLES = ("coil", "discrete")
 
 
 class ModbusTag(Model):
-    name: Segment = Field(description="Tag name; the last segment of its MQTT topic.")
+    name: TagName = Field(description="Tag name; the last segment of its MQTT topic.")
     table: Table = Field(description="Modbus table: coil, discrete (input), holding or input (register).")
     address: Int = Field(ge=0, le=65535, description="0-based address on the wire.")
     type: DataType | None = Field(

@@ -40,7 +40,7 @@ from gateway.collectors.opcua.nodeid import NodeRef
 from gateway.collectors.opcua.security import open_client
 from gateway.collectors.opcua.settings import OpcUaDevice, OpcUaTag
 from gateway.errors import DeviceTimeout, NotConnected
-from gateway.model import Datatype, Reading, Status, bad
+from gateway.model import Datatype, Reading, Status, bad, datatype_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +63,9 @@ FILTER_REFUSED = {
     StatusCodes.BadDeadbandFilterInvalid, StatusCodes.BadMonitoredItemFilterInvalid,
 }  # fmt: skip
 
+# The neutral datatype of each built-in type, looked up per value (the enum, not its name).
+_BY_VARIANT: dict[ua.VariantType, Datatype] = {ua.VariantType[name]: dt for name, dt in DATATYPES.items()}
+
 
 @dataclass(slots=True)
 class _Tag:
@@ -74,7 +77,7 @@ class _Tag:
     node: ua.NodeId | None = None  # None: its namespace URI is not on the server (yet)
     item: int | None = None  # the server's MonitoredItemId, while monitored
     filtered: bool = True  # whether to ask the server for the deadband filter
-    variant: str | None = None  # the built-in type of its last value: "Int16", "Double[]"
+    datatype: Datatype | None = None  # of its last scalar value, as the server typed it
 
     @property
     def name(self) -> str:
@@ -118,15 +121,13 @@ class OpcUaCollector:
         self._vanished: set[int] = set()  # handles whose node disappeared while monitored
         self._missing: dict[int, int] = {}  # handle -> status reported for it, while not monitored
         self._retry_at = 0.0  # monotonic time of the next attempt at missing tags
+        self._told: list[Reading] = []  # datatype events not yet handed to the poller
 
-    def datatype(self, tag: str) -> Datatype | None:
-        """The datatype of the tag's last value (`int16` for an Int16), or None before the first
-        value and for an array. For publishers that type metrics (Sparkplug B): the JSON value
-        alone does not tell Int16 from Int64."""
-        for t in self._tags:
-            if t.name == tag:
-                return DATATYPES.get(t.variant or "")
-        return None
+    def told(self) -> list[Reading]:
+        """The datatype events since the last call: a tag's first value, or the server
+        changed a node's type (see `gateway.model.datatype_event`)."""
+        told, self._told = self._told, []
+        return told
 
     @property
     def monitored(self) -> int:
@@ -288,7 +289,8 @@ class OpcUaCollector:
                 readings.append(bad(self.name, tag.name, UNKNOWN, now, tag.config.unit))
             else:
                 dv = next(results)
-                _note_variant(tag, dv)
+                if (learned := _learned(tag, dv)) is not None:
+                    self._told.append(datatype_event(self.name, tag.name, learned, now))
                 readings.append(reading(self.name, tag.name, tag.config.unit, dv, now))
         return readings
 
@@ -328,7 +330,8 @@ class OpcUaCollector:
                     if handle >= len(tags):
                         continue
                     tag = tags[handle]
-                    _note_variant(tag, item.Value)
+                    if (learned := _learned(tag, item.Value)) is not None:
+                        self._told.append(datatype_event(name, tag.name, learned, now))
                     r = reading(name, tag.name, tag.config.unit, item.Value, now)
                     if r.status == UNKNOWN:
                         self._vanished.add(handle)
@@ -448,7 +451,14 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-def _note_variant(tag: _Tag, dv: ua.DataValue) -> None:
+def _learned(tag: _Tag, dv: ua.DataValue) -> Datatype | None:
+    """The datatype `dv` tells for `tag` if it is new (the first value, or the server changed
+    the node's type), else None. An array has no neutral datatype and tells nothing."""
     variant = dv.Value
-    if variant is not None and variant.VariantType is not ua.VariantType.Null:
-        tag.variant = variant.VariantType.name + ("[]" if variant.is_array else "")
+    if variant is None or variant.is_array:
+        return None
+    datatype = _BY_VARIANT.get(variant.VariantType)
+    if datatype is None or datatype == tag.datatype:
+        return None
+    tag.datatype = datatype
+    return datatype

@@ -17,6 +17,7 @@ from gateway.settings_types import (
     NonNegativeFloat,
     ReconnectMax,
     Segment,
+    TagName,
     check_unique,
     check_url,
     read_secret,
@@ -100,7 +101,7 @@ class OpcUaSecurity(Model):
 
 
 class OpcUaTag(Model):
-    name: Segment = Field(description="Tag name; the last segment of its MQTT topic.")
+    name: TagName = Field(description="Tag name; the last segment of its MQTT topic.")
     node: str = Field(
         description="Node id: ns=<index>;s=<name> (also i=, g=, b=), or nsu=<namespace URI>;s=<name>, "
         "which survives the server renumbering its namespaces."

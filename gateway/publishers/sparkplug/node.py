@@ -1,31 +1,37 @@
 """The Sparkplug B edge node: births and deaths, sequence numbers, commands, primary host,
 and the readings of the outbox as DDATA.
 
-One task (`run`) publishes everything the node sends in a session, in order: NBIRTH, the
-DBIRTHs, DDATA, DDEATH, and the NDEATH of a session it ends. So `seq` needs no lock, a
-rebirth can never interleave with data, and the order of a device's DDEATH relative to its
-readings is the order in which they happened.
+The node is a `Publisher`: the engine's forward loop (`gateway.app.forward`) calls
+`announce()` for the births (and the NDEATH of a session the node ends) and `publish()` for
+each batch, so one task sends everything in a session, in order: NBIRTH, the DBIRTHs,
+DDATA, DDEATH. So `seq` needs no lock, and a rebirth can never interleave with data.
 
 Decisions, and why:
 
 - **Delivery.** DATA messages are QoS 0, as Sparkplug prescribes; QoS 0 has no
   acknowledgement, so after each batch the node waits for a barrier (see
-  `Session.barrier`): only when the broker has processed the batch is it acked in the
-  outbox. A connection lost before that releases the batch: nothing that reached the
-  outbox is lost, it is replayed as history in the next session.
+  `Session.barrier`): only when the broker has processed the batch does `publish` return
+  and the loop ack it. A connection lost before that releases the batch: nothing that
+  reached the outbox is lost, it is replayed as history in the next session.
 - **History.** At every birth (connect, rebirth) the rows not yet published become the
   history lane of the outbox (`Outbox.begin_replay`); the DBIRTHs carry the newest value
   of every metric, and the history is published as DDATA with `is_historical` and the
-  original timestamps, alternating batch by batch with live readings, so a long backlog
+  original timestamps; the loop alternates history and live batches, so a long backlog
   does not hold live values back.
-- **Device state.** The poller reports a device down after its Bad readings reached the
-  outbox; that event is stamped with the outbox's last seq and turned into a DDEATH when
-  the live lane has published up to it. The device's next readings bring a DBIRTH first.
-- **Datatypes.** A Modbus tag's datatype follows from its config. An OPC UA tag's is learned
-  from its first value; until then its DBIRTH announces it as a null String. A datatype
-  learned (or changed) since the device's last DBIRTH brings a new DBIRTH before the value.
-- **Primary host.** An offline STATE only sets a flag; the publishing task then sends the
-  NDEATH and reconnects between two messages, never inside a batch.
+- **Device state.** Device events (`gateway.model.state_event`) come from the outbox with
+  each live batch, each in its place among the readings (`Batch.events`): a down event
+  becomes a DDEATH where it falls, after the device's Bad readings; the device's next
+  readings bring a DBIRTH first.
+  Births read each device's newest event from the outbox (kept across a restart), and
+  send a DDEATH for each device that is down. History does not change what the host was
+  told: a device down now gets its history between a DBIRTH and a DDEATH.
+- **Datatypes.** A Modbus tag's datatype follows from its config. An OPC UA tag's is told
+  by a datatype event before its first value (`gateway.model.datatype_event`), and births
+  take the newest of those from the outbox; before any, its DBIRTH announces it as a null
+  String. A datatype learned (or changed) since the device's last DBIRTH brings a new
+  DBIRTH before the value.
+- **Primary host.** An offline STATE only sets a flag (`due`); the loop then has the node
+  send the NDEATH and reconnect between two batches, never inside one.
 """
 
 from __future__ import annotations
@@ -36,17 +42,30 @@ import logging
 import math
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from gateway.collectors import DatatypeSource, DeviceSettings
+from gateway.collectors import DeviceSettings
 from gateway.collectors.registry import protocol
 from gateway.config import MqttSettings, Settings, SparkplugSettings
 from gateway.errors import BrokerUnavailable, MessagesRefused
-from gateway.model import Batch, Datatype, Entry, Quality, Reading, Status, Value
+from gateway.model import (
+    DATATYPE_EVENT,
+    DOWN,
+    EVENT,
+    STATE_EVENT,
+    Batch,
+    Datatype,
+    Entry,
+    Quality,
+    Reading,
+    Status,
+    Value,
+)
 from gateway.outbox import DEFAULT_OUTPUT, Outbox
+from gateway.publishers import Published
 from gateway.publishers.formats import OutputContext
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
@@ -65,17 +84,11 @@ from gateway.publishers.sparkplug.payload import (
 log = logging.getLogger(__name__)
 
 REBIRTH = "Node Control/Rebirth"
-# A replay leases this many batches of history per batch of live readings: each round trip
-# (lease, publish, barrier, ack) costs about the same for 500 rows as for 2,000, so history
-# drains about four times faster, and live readings wait for one history lease at most.
-_HISTORY_BATCHES = 4
 # A DDATA's metrics stay under this, or the broker's maximum packet size if it says a lower
 # one: AWS IoT Core takes 128 KB, EMQX announces 1 MB; 256 KiB keeps a replay of 2,000 long
 # strings in a handful of messages.
 _DDATA_BYTES = 256 * 1024
 BDSEQ = "bdSeq"
-# At least this many device down events wait for the live lane (16 per configured device).
-_MIN_DOWNS = 1024
 _MAX_WARNINGS = 1000
 
 # The Sparkplug datatype of each neutral one (gateway.model.Datatype), whatever the protocol.
@@ -89,9 +102,6 @@ _DATATYPES: dict[Datatype, DataType] = {
     "datetime": DataType.DATETIME, "bytes": DataType.BYTES,
 }  # fmt: skip
 
-TypeHint = Callable[[str], Datatype | None]
-"""tag -> the datatype of its last value, as its collector learned it (DatatypeSource)."""
-
 
 @dataclass(slots=True)
 class MetricSpec:
@@ -103,6 +113,7 @@ class MetricSpec:
     datatype: DataType | None
     sure: bool = False  # the datatype came from the config or the server, not from a value
     born: DataType | None = None  # the datatype announced by the device's last DBIRTH
+    learned: DataType | None = None  # the newest the device told (a datatype event)
 
 
 def metric_types(device: DeviceSettings) -> list[tuple[str, DataType | None, str | None]]:
@@ -123,7 +134,6 @@ def build(context: OutputContext) -> SparkplugNode:
     assert sparkplug is not None
     assert sparkplug.edge_node_id is not None
     assert output.client_id is not None
-    hints = {c.name: c.datatype for _, c in context.collectors if isinstance(c, DatatypeSource)}
     return SparkplugNode(
         output,
         sparkplug,
@@ -132,7 +142,6 @@ def build(context: OutputContext) -> SparkplugNode:
         devices={device.name: metric_types(device) for device in s.devices},
         bdseq=BdSeqFile(bdseq_path(s, output.name)),
         client_id=output.client_id,
-        type_hints=hints,
         output=output.name,
     )
 
@@ -224,9 +233,8 @@ def _now_ms() -> int:
 
 
 class SparkplugNode:
-    """A Sparkplug B edge node publishing the outbox. Pollers hand readings to `append`
-    and report dead devices to `device_down`; `run()` is the publishing task; `close()`
-    says NDEATH and disconnects."""
+    """A Sparkplug B edge node publishing one output's share of the outbox: a `Publisher`,
+    run by the engine's forward loop. `close()` says NDEATH and disconnects."""
 
     def __init__(
         self,
@@ -238,13 +246,10 @@ class SparkplugNode:
         devices: Mapping[str, Sequence[tuple[str, DataType | None, str | None]]],
         bdseq: BdSeqFile,
         client_id: str,
-        type_hints: Mapping[str, TypeHint] | None = None,
         output: str = DEFAULT_OUTPUT,
     ) -> None:
         self._outbox = outbox
         self._output = output  # its name in the outbox
-        self._hints = dict(type_hints or {})
-        self._batch = mqtt.batch
         self._version = mqtt.version
         self._aliases = sparkplug.aliases
         self._host = sparkplug.primary_host_id
@@ -264,14 +269,8 @@ class SparkplugNode:
             for tag, datatype, unit in specs:
                 self._add_metric(name, tag, datatype, unit)
 
-        # What has been appended to the outbox (in append order): which devices are up, and
-        # the down events not yet published. (The newest reading per metric the outbox keeps.)
-        self._alive: dict[str, bool] = {}
-        # Bounded: the events pile up only while no live batch goes out (a long replay, a
-        # host that stays offline), and a flapping device would add one per flap. When full the
-        # oldest go: no DDEATH for those outages (their Bad readings still go out as data).
-        self._downs: deque[tuple[int, str]] = deque(maxlen=max(_MIN_DOWNS, 16 * len(self._metrics)))
-        # What the host has been told in this session (in publish order).
+        # What the host has been told in this session (in publish order). (The newest reading
+        # and event of each metric and device, published or not, the outbox keeps.)
         self._current: dict[str, dict[str, Reading]] = {}
         self._born: set[str] = set()
         self._seq = 0
@@ -282,7 +281,7 @@ class SparkplugNode:
         self._host_online = False
         self._leave_due = False  # the primary host went offline: NDEATH and reconnect
         self._warned: set[str] = set()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # set on a STATE and a connect: births wait for the host
 
         self.connection = MqttConnection(
             mqtt,
@@ -292,38 +291,6 @@ class SparkplugNode:
             on_message=self._on_message,
             nodelay=True,  # each batch ends with a barrier: see Session.attach
         )
-
-    # -- the pollers' side -------------------------------------------------------------
-
-    async def append(self, readings: list[Reading]) -> None:
-        """A sink for the pollers when this node is the only output: `note`, commit, `appended`."""
-        self.note(readings)
-        await self._outbox.append(readings)
-        self.appended()
-
-    def note(self, readings: list[Reading]) -> None:
-        """Note that the devices of readings about to be committed to the outbox are up."""
-        alive = self._alive
-        for r in readings:
-            alive[r.device] = True
-
-    def appended(self) -> None:
-        """Readings were committed: wake the publishing task."""
-        self._wake.set()
-
-    @property
-    def pending_deaths(self) -> int:
-        """Device outages not yet told to the host (DDEATHs that wait for the live lane)."""
-        return len(self._downs)
-
-    def device_down(self, device: str) -> None:
-        """The poller's report that `device` stopped answering (after its Bad readings)."""
-        self._alive[device] = False
-        if len(self._downs) == self._downs.maxlen:
-            what = "%d device outages wait for the host: the oldest are forgotten (no DDEATH for them; "
-            self._warn_once("downs", what + "their Bad readings are still published)", len(self._downs))
-        self._downs.append((self._outbox.last_seq, device))
-        self._wake.set()
 
     # -- the connection's side ---------------------------------------------------------
 
@@ -348,7 +315,7 @@ class SparkplugNode:
         self._leave_due = False
         await self.connection.subscribe(filters)
         self._birth_due = True
-        self._wake.set()
+        self._woken()
 
     def _on_message(self, topic: str, data: bytes) -> None:
         if topic == self._state_topic:
@@ -372,7 +339,7 @@ class SparkplugNode:
                 if m.WhichOneof("value") == "boolean_value" and m.boolean_value:
                     log.info("rebirth requested by NCMD")
                     self._birth_due = True
-                    self._wake.set()
+                    self._woken()
             else:  # (one key for all: the names come from the network)
                 name = _clip(m.name) or m.alias
                 self._warn_once("ncmd metric", "NCMD metric %r ignored: not supported", name)
@@ -396,7 +363,7 @@ class SparkplugNode:
             if not self._host_online:
                 log.info("primary host %s is online", self._host)
             self._host_online = True
-            self._wake.set()
+            self._woken()
             return
         was_online, self._host_online = self._host_online, False
         if self._generation == self.connection.generation:
@@ -405,7 +372,7 @@ class SparkplugNode:
             log.warning("primary host %s went offline: NDEATH, disconnecting; readings wait in the outbox",
                         self._host)  # fmt: skip
             self._leave_due = True
-            self._wake.set()
+            self._woken()
         elif was_online or self._generation == -1:
             log.info("waiting for primary host %s to come online", self._host)
 
@@ -422,40 +389,71 @@ class SparkplugNode:
         final = [] if self._version == "5" else [self._ndeath()]
         await self.connection.close(final, with_will=True)
 
-    # -- the publishing task -----------------------------------------------------------
+    def _woken(self) -> None:
+        """Something for the loop to do, rows or not: a birth, a leave."""
+        self._wake.set()
+        self._outbox.wake(self._output)
 
-    async def run(self) -> None:
-        """Publish births, then the outbox, for as long as the gateway runs."""
-        while True:
+    # -- the Publisher contract (the engine's forward loop) ------------------------------
+
+    @property
+    def due(self) -> bool:
+        """Births (after a connect, a rebirth asked for) or a leave (the host went offline)
+        must come before the next batch."""
+        return self._birth_due or self._leave_due
+
+    async def announce(self) -> None:
+        """The NDEATH of a session the primary host left; or the births, once the primary
+        host (if one is configured) is online."""
+        if self._leave_due:
+            await self._leave()
+            return
+        while self._host is not None and not self._host_online:
             self._wake.clear()
-            await self.connection.wait_connected()
-            try:
-                if self._leave_due:
-                    await self._leave()
-                elif self._birth_due:
-                    if self._host is not None and not self._host_online:
-                        await self._wake.wait()  # the STATE, or a new connection
-                        continue
-                    await self._birth()
-                elif not await self._forward():
-                    await self._wake.wait()
-            except BrokerUnavailable:
-                continue  # the connection task reconnects; wait_connected() waits for it
+            await self._wake.wait()  # the STATE, or a new connection
+            if self._leave_due:
+                return
+        await self._birth()
+
+    async def publish(self, batch: Batch) -> Published:
+        """DDATA (and the DBIRTHs and DDEATHs between) for `batch`, up to a metric that needs
+        a rebirth first; returns once the broker has processed them (the barrier)."""
+        if batch.resync:  # events were forgotten before this node took them: births again
+            self._birth_due = True
+            return Published(0)
+        messages, done, carried = self._messages(batch, historical=batch.historical)
+        try:
+            await self._send(messages)
+        except MessagesRefused as exc:
+            # Every other message was confirmed (the barrier ran): the readings of a refused
+            # DDATA are dropped, counted, like a refused UNS message. A refused DBIRTH leaves
+            # its device unborn: its next readings bring another.
+            for i in exc.indices:
+                self._unborn(messages[i][0])
+            self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
+            return Published(done, sum(carried.get(i, 0) for i in exc.indices), exc.refused)
+        return Published(done)
 
     async def _birth(self) -> None:
-        """NBIRTH and every DBIRTH (and a DDEATH for each device known to be down); the rows
-        not yet published become history."""
+        """NBIRTH and every DBIRTH (and a DDEATH for each device that is down); the rows not
+        yet published become history."""
         self._birth_due = False
         generation = self.connection.generation
         boundary = self._outbox.begin_replay(self._output)
-        # The newest value of each metric, also from before a restart (and the datatypes they
-        # tell), not nulls. Read after the split: a value the outbox takes meanwhile is
-        # announced and then published again as live DDATA, rather than announced older while
-        # it goes out as history (the outbox notes a value before it commits it).
+        # The newest value of each metric and the newest event of each device, also from
+        # before a restart, not nulls. Read after the split: a value the outbox takes
+        # meanwhile is announced and then published again as live DDATA, rather than
+        # announced older while it goes out as history.
         self._current = {}
+        down: set[str] = set()
         for r in await self._outbox.newest():
-            self._current.setdefault(r.device, {})[r.tag] = r
-        self._downs.clear()  # folded into the births: _alive says who is down
+            if r.tag[0] != EVENT:
+                self._current.setdefault(r.device, {})[r.tag] = r
+            elif r.tag == STATE_EVENT:
+                if r.value == DOWN:
+                    down.add(r.device)
+            else:
+                self._told_datatype(r)
         now = _now_ms()
         self._seq = 255  # the NBIRTH takes 0
         nbirth = Payload(timestamp=now, seq=self._next_seq())
@@ -465,7 +463,7 @@ class SparkplugNode:
         self._born.clear()
         for device in self._metrics:
             messages.append(self._dbirth(device, now))
-        messages.extend(self._ddeath(d) for d in self._metrics if not self._alive.get(d, True))
+        messages.extend(self._ddeath(d) for d in self._metrics if d in down)
         self._generation = generation
         try:
             await self._send(messages, barrier=False)
@@ -482,63 +480,6 @@ class SparkplugNode:
             )
         else:
             log.info("births sent (bdSeq %d)", self.bdseq)
-
-    async def _forward(self) -> bool:
-        """One live batch, then (during a replay) one history batch; False when idle."""
-        known = len(self._downs)  # events stamped before the lease: the lease covers them
-        live = await self._outbox.lease(self._output, self._batch, live=True)
-        if await self._hold(live):
-            return True
-        messages, done, carried = self._messages(
-            live, historical=False, known=known, short=len(live) < self._batch
-        )
-        await self._deliver(live, messages, done, carried)
-        if not self._outbox.replaying(self._output):
-            return bool(live) or bool(messages)
-        history = await self._outbox.lease(self._output, self._batch * _HISTORY_BATCHES)
-        if await self._hold(history):
-            return True
-        messages, done, carried = self._messages(history, historical=True)
-        await self._deliver(history, messages, done, carried)
-        if not self._outbox.replaying(self._output):
-            log.info("replay of historical readings done")
-        return True
-
-    async def _hold(self, batch: Batch) -> bool:
-        """Put `batch` back when a rebirth or a leave came meanwhile: no data before it."""
-        if self._birth_due or self._leave_due:
-            await self._outbox.release(self._output, batch)
-            return True
-        return False
-
-    async def _deliver(
-        self, batch: Batch, messages: list[Message], done: int, carried: dict[int, int]
-    ) -> None:
-        """Send `messages`, which carry the first `done` entries of `batch`; ack those and
-        release the rest (they wait for the rebirth that cut the batch short)."""
-        refused = 0
-        try:
-            await self._send(messages)
-        except (BrokerUnavailable, asyncio.CancelledError):
-            # Lost, or stopping: the batch goes back (what the cap evicted of it meanwhile is
-            # counted then).
-            await asyncio.shield(self._outbox.release(self._output, batch))
-            raise
-        except MessagesRefused as exc:
-            # Every other message was confirmed (the barrier ran): the readings of a refused
-            # DDATA are dropped, counted, like a refused UNS message. A refused DBIRTH leaves
-            # its device unborn: its next readings bring another.
-            refused = sum(carried.get(i, 0) for i in exc.indices)
-            for i in exc.indices:
-                self._unborn(messages[i][0])
-            self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
-        if (status := self.connection.status) is not None and done:
-            status.ack(done, refused=refused)
-        if done == len(batch):
-            await self._outbox.ack(self._output, batch, refused=refused)
-            return
-        await self._outbox.ack(self._output, Batch(batch.entries[:done]), refused=refused)
-        await self._outbox.release(self._output, Batch(batch.entries[done:]))
 
     async def _send(self, messages: list[Message], *, barrier: bool = True) -> None:
         if not messages:
@@ -557,32 +498,30 @@ class SparkplugNode:
 
     # -- messages ----------------------------------------------------------------------
 
-    def _messages(
-        self, batch: Batch, *, historical: bool, known: int = 0, short: bool = False
-    ) -> tuple[list[Message], int, dict[int, int]]:
+    def _messages(self, batch: Batch, *, historical: bool) -> tuple[list[Message], int, dict[int, int]]:
         """DDATA per device, in seq order, with the DBIRTHs and DDEATHs that fall between;
         and how many entries they carry.
 
-        Live: the first `known` down events become DDEATHs where they fall (all of them
-        after a `short` batch, which reached the end of the outbox). History: a device that
-        is down now gets its history between a DBIRTH and a DDEATH, so the host never gets
-        data for a dead device. A metric of a live device that the host does not know yet
-        (a new tag, a datatype learned from the first value) cuts the batch short: the node
-        must rebirth first, since a DBIRTH announces every metric for the whole session.
-        `carried` maps the index of each DDATA to the number of entries in it.
+        Live: the batch's device events are taken where they fall: a down event becomes a
+        DDEATH, a datatype event updates its metric. History has no events (the births told
+        the current state); a device
+        that is down now gets its history between a DBIRTH and a DDEATH, so the host never
+        gets data for a dead device. A metric of a live device that the host does not know
+        yet (a new tag, a datatype learned) cuts the batch short: the node must rebirth
+        first, since a DBIRTH announces every metric for the whole session. `carried` maps
+        the index of each DDATA to the number of entries in it.
         """
         messages: list[Message] = []
         carried: dict[int, int] = {}
         group: dict[str, list[Entry]] = {}
         revived: list[str] = []
-        downs, remaining = self._downs, known
+        events, e = batch.events, 0
         done = 0
         for entry in batch.entries:
+            while e < len(events) and events[e].after < entry.seq:
+                self._event(events[e].reading, group, messages, carried)
+                e += 1
             r = entry.reading
-            while remaining and downs[0][0] < entry.seq:
-                self._flush(group, messages, carried, historical=historical)
-                self._died(downs.popleft()[1], messages)
-                remaining -= 1
             changed = self._learn(r, historical=historical)
             if r.device not in self._born:
                 self._flush(group, messages, carried, historical=historical)
@@ -595,13 +534,34 @@ class SparkplugNode:
                 break
             group.setdefault(r.device, []).append(entry)
             done += 1
-        self._flush(group, messages, carried, historical=historical)
         if done == len(batch):
-            while remaining and (short or downs[0][0] <= batch.last_seq):
-                self._died(downs.popleft()[1], messages)
-                remaining -= 1
+            for event in events[e:]:
+                self._event(event.reading, group, messages, carried)
+        self._flush(group, messages, carried, historical=historical)
         messages.extend(self._ddeath(device) for device in revived if device in self._born)
         return messages, done, carried
+
+    def _event(
+        self, event: Reading, group: dict[str, list[Entry]], messages: list[Message], carried: dict[int, int]
+    ) -> None:
+        """A device event of the live lane, where it falls among the readings."""
+        if event.tag == STATE_EVENT:
+            if event.value == DOWN:
+                self._flush(group, messages, carried, historical=False)
+                self._died(event.device, messages)
+        elif event.tag.startswith(DATATYPE_EVENT):
+            self._told_datatype(event)
+
+    def _told_datatype(self, event: Reading) -> None:
+        """A datatype event: what the device says the tag's values are, from now on."""
+        specs = self._metrics.get(event.device)
+        spec = specs.get(event.tag[len(DATATYPE_EVENT) :]) if specs is not None else None
+        datatype = _DATATYPES.get(cast("Datatype", event.value))
+        if spec is None or datatype is None or spec.learned is datatype:
+            return
+        spec.learned = datatype
+        if spec.datatype is not None:
+            spec.sure = False  # the next value is typed again: by the learned datatype if it fits
 
     def _died(self, device: str, messages: list[Message]) -> None:
         if device in self._born:  # once per outage
@@ -650,18 +610,17 @@ class SparkplugNode:
             # a value before the server's type was known (a backlog after a restart).
             or (not historical and (not fits(spec.datatype, value) or not spec.sure))
         ):
-            self._infer(spec, r.device, value)
+            self._infer(spec, value)
         return spec.datatype is not None and spec.born != spec.datatype
 
-    def _infer(self, spec: MetricSpec, device: str, value: Value) -> None:
-        """Type a metric the config does not type: from the datatype of its value where the
-        collector knows it, else from the value itself."""
-        hint = self._hints.get(device)
-        learned = hint(spec.name) if hint is not None else None
-        datatype = None if learned is None else _DATATYPES[learned]
-        if datatype is not None and fits(datatype, value):
-            spec.datatype, spec.sure = datatype, True
-        elif spec.datatype is None or not fits(spec.datatype, value):
+    @staticmethod
+    def _infer(spec: MetricSpec, value: Value) -> None:
+        """Type a metric the config does not type: by the datatype its device told (a
+        datatype event) where the value fits it, else from the value itself."""
+        learned = spec.learned
+        if learned is not None and (value is None or fits(learned, value)):
+            spec.datatype, spec.sure = learned, True
+        elif value is not None and (spec.datatype is None or not fits(spec.datatype, value)):
             spec.datatype, spec.sure = datatype_of(value), False
 
     def _dbirth(self, device: str, now: int) -> Message:
@@ -669,8 +628,10 @@ class SparkplugNode:
         values = self._current.get(device, {})
         for tag, spec in self._metrics[device].items():
             r = values.get(tag)
-            if spec.datatype is None and r is not None and r.value is not None:
-                self._infer(spec, device, r.value)
+            # Typed from the newest value if not known yet; by the datatype the device told
+            # if there is one (a datatype guessed from a value stays until a live value).
+            if spec.datatype is None or (spec.learned is not None and not spec.sure):
+                self._infer(spec, None if r is None else r.value)
             # Not known yet (no value seen): announced as a null String; the first value
             # that is not a string brings a new DBIRTH with its datatype.
             spec.born = spec.datatype or DataType.STRING
