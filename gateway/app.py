@@ -164,7 +164,8 @@ async def forward(
         return True
 
     while True:
-        await outbox.wait(output)
+        if not publisher.due:  # (a wake can be undone by a lease that found nothing)
+            await outbox.wait(output)
         await connection.wait_connected()
         if publisher.due:
             # Lost meanwhile: the connection task reconnects, and the publisher is due again then.

@@ -151,7 +151,8 @@ class Batch:
     """Entries leased from the outbox, oldest first; acked or released as a whole.
 
     `historical`: leased from the history lane of a replay (`Outbox.begin_replay`). `events`:
-    the device events among (and after) the entries, for an output that takes them.
+    the device events among the entries (and after them, at the end of the outbox), for an
+    output that takes them.
     `resync`: such an output fell so far behind that events it had not taken were forgotten:
     it must announce the current state again (`Outbox.newest`, then `begin_replay`).
     """

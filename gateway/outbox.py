@@ -420,6 +420,8 @@ class Outbox:
                 self._dropped += len(rows)
                 self._unsaved_dropped += len(rows)
                 self._note_dropped(len(rows), self._disk_reason())
+                if events:  # not in `latest` now, but told live (and `newest` has them)
+                    self._queue_events(self._last_seq, 0, 0, events)
                 if not self._stuck:
                     self._stuck = True
                     log.error("outbox %s: SQLite cannot write (%s): new readings are refused and counted "
@@ -431,7 +433,9 @@ class Outbox:
             lost = self._count_losses()
             self._dropped += refused
             if events:
-                self._queue_events(first, stored, events)
+                # Refused rows are the last of the append, except under drop_oldest on a full
+                # disk, which keeps the newest (see _fit).
+                self._queue_events(first, stored, refused if self._policy == "drop_oldest" else 0, events)
             if stored or events:
                 for out in self._outputs.values():
                     if stored or out.events_from is not None:
@@ -450,17 +454,18 @@ class Outbox:
             await self._db.executemany(_SAVE_LATEST, _to_rows(r for _, r in events))
         return result
 
-    def _queue_events(self, first: int, stored: int, events: list[tuple[int, Reading]]) -> None:
+    def _queue_events(self, first: int, stored: int, skipped: int, events: list[tuple[int, Reading]]) -> None:
         """Committed: queue the events for the outputs that take them, each after the reading
-        it followed (of the `stored` rows that took the seqs after `first`). Bounded: past
-        MAX_EVENTS the oldest are forgotten, and an output that had not taken them resyncs."""
+        it followed: of the append's rows, the first `skipped` were refused, the next `stored`
+        took the seqs after `first`. Bounded: past MAX_EVENTS the oldest are forgotten, and an
+        output that had not taken them resyncs."""
         takers = [o for o in self._outputs.values() if o.events_from is not None]
         if not takers:
             return  # (nobody takes them: their state is in `latest`)
         queue = self._events
         for before, r in events:
             self._event_id += 1
-            queue.append(Event(self._event_id, first + min(before, stored), r))
+            queue.append(Event(self._event_id, first + min(max(before - skipped, 0), stored), r))
         while len(queue) > MAX_EVENTS:
             gone = queue.popleft().id
             for out in takers:
@@ -705,8 +710,8 @@ class Outbox:
 
         During a replay, the oldest of the history lane, or with `live=True` of the live
         lane; otherwise `live` makes no difference. An output that takes device events (it
-        began a replay once) gets those among and after the rows of a live batch, each in
-        its place (`Event.after`)."""
+        began a replay once) gets those among the rows of a live batch, and after them when
+        the lease reached the end, each in its place (`Event.after`)."""
         if n < 1:
             raise ValueError("lease at least one row")  # SQLite reads LIMIT -1 as "no limit"
         out = self._out(output)
@@ -718,7 +723,7 @@ class Outbox:
                     entries = _entries(await self._db.execute_fetchall(_LEASE, (out.live_cursor, n)))
                     if entries:
                         out.live_cursor = entries[-1].seq
-                    return self._with_events(out, entries, full=len(entries) == n)
+                    return self._with_events(out, entries, at_end=out.live_cursor >= self._last_seq)
                 historical = out.split is not None
                 entries = await self._lease_in_order(out, n)
             except sqlite3.Error as exc:
@@ -726,19 +731,26 @@ class Outbox:
                 raise OutboxError(f"outbox {self.path}: cannot lease: {exc}") from exc
             if out.split is not None and len(entries) < n:
                 await self._merge(out, leased=bool(entries))
-            if out.split is None and out.cursor >= self._last_seq:
+            at_end = out.split is None and out.cursor >= self._last_seq
+            # (Events still to ack keep it set: an ack and the next lease see them through.)
+            if at_end and not self._events_pending(out):
                 out.ready.clear()
             if historical:
                 return Batch(entries, historical=True)
-            return self._with_events(out, entries, full=len(entries) == n)
+            return self._with_events(out, entries, at_end=at_end)
 
-    def _with_events(self, out: _Cursor, entries: list[Entry], *, full: bool) -> Batch:
+    def _events_pending(self, out: _Cursor) -> bool:
+        """Whether `out` takes events and has some it has not acked."""
+        return out.events_from is not None and bool(self._events) and self._events[-1].id > out.events_from
+
+    def _with_events(self, out: _Cursor, entries: list[Entry], *, at_end: bool) -> Batch:
         """A live batch of `entries`, with the events `out` takes among them: those before
-        the last entry, or (if the lease was not `full`: it reached the end) all pending."""
-        if out.events_from is None or not self._events or self._events[-1].id <= out.events_from:
+        the last entry, and if the lease reached the end of the outbox, all pending."""
+        since = out.events_from
+        if since is None or not self._events or self._events[-1].id <= since:
             return Batch(entries)
-        limit = entries[-1].seq if full else self._last_seq + 1
-        taken = tuple(e for e in self._events if e.id > out.events_from and e.after < limit)
+        limit = self._last_seq + 1 if at_end or not entries else entries[-1].seq
+        taken = tuple(e for e in self._events if e.id > since and e.after < limit)
         return Batch(entries, events=taken)
 
     async def _lease_in_order(self, out: _Cursor, n: int) -> list[Entry]:
@@ -811,9 +823,9 @@ class Outbox:
         await self._out(output).ready.wait()
 
     def wake(self, output: str) -> None:
-        """End `output`'s `wait()` now, rows or not: its publisher has something to say
-        (births after a connect, a rebirth asked for). The next lease that finds nothing
-        makes `wait()` block again."""
+        """Make `output`'s `wait()` return, rows or not: its publisher has something to say
+        (births after a connect, a rebirth asked for). A lease that finds nothing may make
+        it block again: the loop checks the publisher before it waits (`Publisher.due`)."""
         self._out(output).ready.set()
 
     async def ack(self, output: str, batch: Batch, *, refused: int = 0) -> None:

@@ -21,7 +21,7 @@ from gateway.outbox import Outbox
 from gateway.publishers.sparkplug.node import BdSeqFile, SparkplugNode
 from gateway.publishers.sparkplug.payload import DataType, Payload
 from tests.conftest import MakeMosquitto, Subscribe
-from tests.helpers import Mosquitto
+from tests.helpers import Mosquitto, eventually
 from tests.sparkplug_host import Host, Spark, mismatched_values, seq_gaps
 
 
@@ -321,3 +321,39 @@ async def test_a_ddata_over_the_brokers_maximum_packet_size_is_split(
     assert sorted(m.double_value for d in ddata for m in d.payload.metrics) == [float(v) for v in range(500)]
     assert stats.dropped == 0
     assert seq_gaps(sparks) == []
+
+
+async def test_a_connection_lost_before_the_barrier_acks_nothing_of_the_batch(
+    make_mosquitto: MakeMosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A QoS 0 message counts as sent once written to the socket, not once the broker has it:
+    a batch whose DDATA the broker drops the connection on (MQTT 3.1.1: the node cannot know
+    the broker's size limit) is not acked in part; every reading stays in the outbox."""
+    broker = make_mosquitto("max_packet_size 4096")
+    sparkplug = SparkplugSettings(group_id="g")
+    node = SparkplugNode(
+        MqttSettings(url=broker.url, version="3.1.1", format="sparkplug", sparkplug=sparkplug),
+        sparkplug,
+        outbox,
+        edge_node_id="n",
+        devices={"m1": [("t", DataType.DOUBLE, None)]},
+        bdseq=BdSeqFile(tmp_path / "bdseq"),
+        client_id="node-under-test",
+    )
+    h = Host(broker, subscriber(broker, "spBv1.0/#"))
+    running = Node(node, outbox)
+    try:
+        await h.received(lambda s: len(h.of("DBIRTH")) == 1)
+        await outbox.append([down("m1")])
+        await h.received(lambda s: len(h.of("DDEATH")) == 1)
+        # Back, with a DDATA of some 8 kB: its DBIRTH goes out (written, so "settled"), then the
+        # broker hangs up on the DDATA.
+        await outbox.append([reading("m1", "t", float(i)) for i in range(400)])
+        # Dropped on it three times (each session replays it):
+        await eventually(lambda: node.connection.generation >= 4, timeout=30, what="three reconnects")
+        stats = await outbox.stats()
+    finally:
+        await running.stop()
+    assert h.of("DDATA") == []
+    assert len(h.of("DBIRTH")) >= 2  # the one before the DDATA went out
+    assert (stats.depth, stats.dropped) == (400, 0)

@@ -8,14 +8,18 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.model import DOWN, UP, Batch, Quality, Reading, datatype_event, state_event
 from gateway.outbox import MAX_EVENTS, Outbox
 
 TWO = ("uns", "spark")
+OUT = "mqtt"  # the one output of an outbox opened without names
 
 
 def reading(tag: str, value: float) -> Reading:
@@ -150,3 +154,82 @@ async def test_an_output_that_falls_too_far_behind_on_events_resyncs(box: Outbox
     assert behind
     box.begin_replay("spark")  # the births
     assert not (await box.lease("spark", 10, live=True)).resync
+
+
+# -- any interleaving ---------------------------------------------------------------------
+
+Append = list[bool]  # True: a device event, False: a reading
+Take = tuple[int, str, int]  # lease n; then "ack", "release", or "cut" (ack the first k, release the rest)
+
+ops = st.lists(
+    st.one_of(
+        st.lists(st.booleans(), min_size=1, max_size=6),
+        st.tuples(st.integers(1, 5), st.sampled_from(["ack", "release", "cut"]), st.integers(0, 5)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=ops)
+async def test_an_output_taking_events_gets_the_stream_as_appended(
+    tmp_path_factory: pytest.TempPathFactory, script: list[Append | Take]
+) -> None:
+    """Whatever the appends, lease sizes, releases and partial acks: what the output acked,
+    readings and events merged by their places, is what was appended, in order, once."""
+    box = await Outbox.open(tmp_path_factory.mktemp("box") / "outbox.db")
+    box.begin_replay(OUT)  # (an empty outbox: nothing to replay, events from here on)
+    appended: list[str] = []
+    acked: list[str] = []
+
+    def stream(batch: Batch) -> list[str]:
+        out, events = [], list(batch.events)
+        for entry in batch.entries:
+            while events and events[0].after < entry.seq:
+                out.append(str(events.pop(0).reading.value))
+            out.append(str(entry.reading.value))
+        return out + [str(e.reading.value) for e in events]
+
+    async def take(n: int, then: str, k: int) -> None:
+        batch = await box.lease(OUT, n, live=True)
+        if then == "ack" or not batch.entries:
+            await box.ack(OUT, batch)
+            acked.extend(stream(batch))
+        elif then == "release":
+            await box.release(OUT, batch)
+        else:
+            await box.ack(OUT, batch.head(k))
+            acked.extend(stream(batch.head(k)))
+            await box.release(OUT, batch.tail(k))
+
+    try:
+        for op in script:
+            if isinstance(op, list):
+                batch = []
+                for is_event in op:
+                    name = f"{'e' if is_event else 'r'}{len(appended)}"
+                    appended.append(name)
+                    batch.append(state_event("m1", UP, 1.0) if is_event else reading("a", 0.0))
+                    batch[-1] = replace(batch[-1], value=name)
+                await box.append(batch)
+            else:
+                await take(*op)
+        while True:  # drain
+            batch = await box.lease(OUT, 100, live=True)
+            if not batch:
+                break
+            await box.ack(OUT, batch)
+            acked.extend(stream(batch))
+    finally:
+        await box.close()
+    assert acked == appended
+
+
+async def test_an_event_after_the_last_row_comes_with_the_lease_that_reaches_it(box: Outbox) -> None:
+    """A device's Bad readings exactly fill a batch, its down event follows them: that lease
+    reached the end of the outbox, so it carries the event (nothing else would wake the
+    output for it)."""
+    box.begin_replay("spark")
+    await box.append([reading("a", 1), reading("b", 2), state_event("m1", DOWN, 1.0)])
+    batch = await box.lease("spark", 2, live=True)
+    assert ([e.seq for e in batch.entries], placed(batch)) == ([1, 2], [(2, "down")])

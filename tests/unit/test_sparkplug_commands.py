@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import MqttSettings, SparkplugSettings
-from gateway.model import DOWN, Quality, Reading, state_event
+from gateway.model import DOWN, Quality, Reading, datatype_event, state_event
 from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.publishers.sparkplug.node import REBIRTH, BdSeqFile, SparkplugNode
 from gateway.publishers.sparkplug.payload import DataType, Payload
@@ -177,3 +177,11 @@ async def test_a_flapping_device_is_told_in_order_and_leaves_nothing_behind(node
 
 def reading(device: str, tag: str, value: float) -> Reading:
     return Reading(device, tag, value, Quality.GOOD, 0, None, 1.0)
+
+
+def test_a_datatype_event_does_not_retype_a_metric_the_config_types(node: SparkplugNode) -> None:
+    """A stale event (the device was an OPC UA one under the same name) leaves the
+    configured Double alone."""
+    node._told_datatype(datatype_event("m1", "t", "int16", 1.0))
+    spec = node._metrics["m1"]["t"]
+    assert (spec.datatype, spec.learned, spec.sure) == (DataType.DOUBLE, None, True)

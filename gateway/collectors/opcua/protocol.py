@@ -20,8 +20,8 @@ def _collector(device: OpcUaDevice, pki_dir: Path) -> Collector:
 
 
 def _metric_types(device: OpcUaDevice) -> list[MetricType]:
-    """No datatype is known before the server sends a value (the collector learns it then:
-    OpcUaCollector.datatype)."""
+    """No datatype is known before the server sends a value (the collector tells it then:
+    OpcUaCollector.told)."""
     return [(t.name, None, t.unit) for t in device.tags]
 
 

@@ -114,6 +114,7 @@ class MetricSpec:
     sure: bool = False  # the datatype came from the config or the server, not from a value
     born: DataType | None = None  # the datatype announced by the device's last DBIRTH
     learned: DataType | None = None  # the newest the device told (a datatype event)
+    configured: bool = False  # the config types it: no datatype event changes it
 
 
 def metric_types(device: DeviceSettings) -> list[tuple[str, DataType | None, str | None]]:
@@ -267,7 +268,7 @@ class SparkplugNode:
         self._metrics: dict[str, dict[str, MetricSpec]] = {}
         for name, specs in devices.items():
             for tag, datatype, unit in specs:
-                self._add_metric(name, tag, datatype, unit)
+                self._add_metric(name, tag, datatype, unit, configured=True)
 
         # What the host has been told in this session (in publish order). (The newest reading
         # and event of each metric and device, published or not, the outbox keeps.)
@@ -281,7 +282,7 @@ class SparkplugNode:
         self._host_online = False
         self._leave_due = False  # the primary host went offline: NDEATH and reconnect
         self._warned: set[str] = set()
-        self._wake = asyncio.Event()  # set on a STATE and a connect: births wait for the host
+        self._wake = asyncio.Event()  # set on a STATE, a connect, a rebirth: births wait for the host
 
         self.connection = MqttConnection(
             mqtt,
@@ -424,13 +425,17 @@ class SparkplugNode:
         messages, done, carried = self._messages(batch, historical=batch.historical)
         try:
             await self._send(messages)
+        except BrokerUnavailable as lost:
+            # Lost before the barrier: nothing of the batch is confirmed, whatever went out (a
+            # QoS 0 message counts as settled once written). The loop releases it all.
+            raise BrokerUnavailable(str(lost)) from lost
         except MessagesRefused as exc:
             # Every other message was confirmed (the barrier ran): the readings of a refused
-            # DDATA are dropped, counted, like a refused UNS message. A refused DBIRTH leaves
-            # its device unborn: its next readings bring another.
+            # DDATA are dropped, counted and logged (once per topic, by the loop), like a
+            # refused UNS message. A refused DBIRTH leaves its device unborn: its next
+            # readings bring another.
             for i in exc.indices:
                 self._unborn(messages[i][0])
-            self._warn_once("ddata refused", "messages refused by the broker: %s", exc)
             return Published(done, sum(carried.get(i, 0) for i in exc.indices), exc.refused)
         return Published(done)
 
@@ -557,8 +562,8 @@ class SparkplugNode:
         specs = self._metrics.get(event.device)
         spec = specs.get(event.tag[len(DATATYPE_EVENT) :]) if specs is not None else None
         datatype = _DATATYPES.get(cast("Datatype", event.value))
-        if spec is None or datatype is None or spec.learned is datatype:
-            return
+        if spec is None or spec.configured or datatype is None or spec.learned is datatype:
+            return  # (configured: a stale event of a device that had another protocol)
         spec.learned = datatype
         if spec.datatype is not None:
             spec.sure = False  # the next value is typed again: by the learned datatype if it fits
@@ -704,12 +709,19 @@ class SparkplugNode:
         self._seq = (self._seq + 1) & 0xFF
         return self._seq
 
-    def _add_metric(self, device: str, tag: str, datatype: DataType | None, unit: str | None) -> None:
+    def _add_metric(
+        self, device: str, tag: str, datatype: DataType | None, unit: str | None, *, configured: bool = False
+    ) -> None:
         alias = None
         if self._aliases:
             alias, self._next_alias = self._next_alias, self._next_alias + 1
         self._metrics.setdefault(device, {})[tag] = MetricSpec(
-            tag, alias, unit, datatype, sure=datatype is not None
+            tag,
+            alias,
+            unit,
+            datatype,
+            sure=datatype is not None,
+            configured=configured and datatype is not None,
         )
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:
