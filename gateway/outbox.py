@@ -733,21 +733,21 @@ class Outbox:
                 await self._merge(out, leased=bool(entries))
             at_end = out.split is None and out.cursor >= self._last_seq
             # (Events still to ack keep it set: an ack and the next lease see them through.)
-            if at_end and not self._events_pending(out):
+            if at_end and self._pending_since(out) is None:
                 out.ready.clear()
             if historical:
                 return Batch(entries, historical=True)
             return self._with_events(out, entries, at_end=at_end)
 
-    def _events_pending(self, out: _Cursor) -> bool:
-        """Whether `out` takes events and has some it has not acked."""
-        return out.events_from is not None and bool(self._events) and self._events[-1].id > out.events_from
+    def _pending_since(self, out: _Cursor) -> int | None:
+        """The id of the last event `out` acked, if it takes events and has some it has not."""
+        since = out.events_from
+        return since if since is not None and self._events and self._events[-1].id > since else None
 
     def _with_events(self, out: _Cursor, entries: list[Entry], *, at_end: bool) -> Batch:
         """A live batch of `entries`, with the events `out` takes among them: those before
         the last entry, and if the lease reached the end of the outbox, all pending."""
-        since = out.events_from
-        if since is None or not self._events or self._events[-1].id <= since:
+        if (since := self._pending_since(out)) is None:
             return Batch(entries)
         limit = self._last_seq + 1 if at_end or not entries else entries[-1].seq
         taken = tuple(e for e in self._events if e.id > since and e.after < limit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -58,17 +58,25 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
     await box.close()
 
 
+Specs = Mapping[str, Sequence[tuple[str, DataType | None, str | None]]]
+
+
 def make_node(
-    broker: Mosquitto, outbox: Outbox, tmp_path: Path, *, host: str | None = None, opcua: bool = False
-) -> SparkplugNode:
-    mqtt = MqttSettings(url=broker.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g"))
+    broker: Mosquitto, outbox: Outbox, tmp_path: Path, *, host: str | None = None, opcua: bool = False,
+    devices: Specs | None = None, version: str = "5",
+) -> SparkplugNode:  # fmt: skip
+    """Edge node `n` of group `g`; by default devices m1 and m2 of one tag `t` each (Double, or
+    untyped as an OPC UA tag is until its first value)."""
+    mqtt = MqttSettings(
+        url=broker.url, version=version, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")
+    )
     datatype = None if opcua else DataType.DOUBLE
     return SparkplugNode(
         mqtt,
         SparkplugSettings(group_id="g", primary_host_id=host),
         outbox,
         edge_node_id="n",
-        devices={"m1": [("t", datatype, "Cel")], "m2": [("t", datatype, None)]},
+        devices=devices or {"m1": [("t", datatype, "Cel")], "m2": [("t", datatype, None)]},
         bdseq=BdSeqFile(tmp_path / "bdseq"),
         client_id="node-under-test",
     )
@@ -193,15 +201,8 @@ async def test_after_a_restart_births_carry_the_backlogs_newest_values(
     backlog += [reading("m2", f"x{i}", 5, at=1000.0) for i in range(20)]
     await outbox.append(backlog)
     h = Host(mosquitto, subscriber(mosquitto, "spBv1.0/#"))
-    node = SparkplugNode(
-        MqttSettings(url=mosquitto.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")),
-        SparkplugSettings(group_id="g"),
-        outbox,
-        edge_node_id="n",
-        devices={"m1": [("t", None, None)], "m2": [(f"x{i}", None, None) for i in range(20)]},
-        bdseq=BdSeqFile(tmp_path / "bdseq"),
-        client_id="node-under-test",
-    )
+    devices: Specs = {"m1": [("t", None, None)], "m2": [(f"x{i}", None, None) for i in range(20)]}
+    node = make_node(mosquitto, outbox, tmp_path, devices=devices)
     running = Node(node, outbox)
     try:
         sparks = await h.received(
@@ -294,15 +295,7 @@ async def test_a_ddata_over_the_brokers_maximum_packet_size_is_split(
     nothing dropped, seq unbroken."""
     broker = make_mosquitto("max_packet_size 4096")
     tags = [f"temperature_{i:02}" for i in range(50)]  # a DBIRTH of about 3.3 kB: it fits
-    node = SparkplugNode(
-        MqttSettings(url=broker.url, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")),
-        SparkplugSettings(group_id="g"),
-        outbox,
-        edge_node_id="n",
-        devices={"m1": [(t, DataType.DOUBLE, None) for t in tags]},
-        bdseq=BdSeqFile(tmp_path / "bdseq"),
-        client_id="node-under-test",
-    )
+    node = make_node(broker, outbox, tmp_path, devices={"m1": [(t, DataType.DOUBLE, None) for t in tags]})
     h = Host(broker, subscriber(broker, "spBv1.0/#"))
     running = Node(node, outbox)
     try:
@@ -330,15 +323,8 @@ async def test_a_connection_lost_before_the_barrier_acks_nothing_of_the_batch(
     a batch whose DDATA the broker drops the connection on (MQTT 3.1.1: the node cannot know
     the broker's size limit) is not acked in part; every reading stays in the outbox."""
     broker = make_mosquitto("max_packet_size 4096")
-    sparkplug = SparkplugSettings(group_id="g")
-    node = SparkplugNode(
-        MqttSettings(url=broker.url, version="3.1.1", format="sparkplug", sparkplug=sparkplug),
-        sparkplug,
-        outbox,
-        edge_node_id="n",
-        devices={"m1": [("t", DataType.DOUBLE, None)]},
-        bdseq=BdSeqFile(tmp_path / "bdseq"),
-        client_id="node-under-test",
+    node = make_node(
+        broker, outbox, tmp_path, devices={"m1": [("t", DataType.DOUBLE, None)]}, version="3.1.1"
     )
     h = Host(broker, subscriber(broker, "spBv1.0/#"))
     running = Node(node, outbox)

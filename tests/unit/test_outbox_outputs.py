@@ -194,12 +194,18 @@ async def test_refusals_count_for_their_output_only(path: Path) -> None:
         await box.close()
 
 
-async def test_wait_returns_when_a_replay_ends_with_live_rows_waiting(path: Path) -> None:
+async def replaying(path: Path) -> Outbox:
+    """Output "sp" in a replay: rows 1-2 are its history, 3-4 live."""
     box = await Outbox.open(path, outputs=["sp"])
+    await box.append(readings([1, 2]))
+    box.begin_replay("sp")
+    await box.append(readings([3, 4]))
+    return box
+
+
+async def test_wait_returns_when_a_replay_ends_with_live_rows_waiting(path: Path) -> None:
+    box = await replaying(path)
     try:
-        await box.append(readings([1, 2]))
-        box.begin_replay("sp")
-        await box.append(readings([3, 4]))  # live
         history = await box.lease("sp", 10)  # all of it: the lanes merge
         assert seqs(history) == [1, 2]
         assert not box.replaying("sp")
@@ -211,11 +217,8 @@ async def test_wait_returns_when_a_replay_ends_with_live_rows_waiting(path: Path
 
 
 async def test_live_rows_acked_during_a_replay_are_not_leased_again(path: Path) -> None:
-    box = await Outbox.open(path, outputs=["sp"])
+    box = await replaying(path)
     try:
-        await box.append(readings([1, 2]))
-        box.begin_replay("sp")
-        await box.append(readings([3, 4]))
         await box.ack("sp", await box.lease("sp", 10, live=True))  # 3-4 delivered live
         history = await box.lease("sp", 10)
         assert seqs(history) == [1, 2]
@@ -227,11 +230,8 @@ async def test_live_rows_acked_during_a_replay_are_not_leased_again(path: Path) 
 
 
 async def test_the_position_passes_the_live_rows_once_the_history_before_them_is_acked(path: Path) -> None:
-    box = await Outbox.open(path, outputs=["sp"])
+    box = await replaying(path)
     try:
-        await box.append(readings([1, 2]))
-        box.begin_replay("sp")
-        await box.append(readings([3, 4]))
         await box.ack("sp", await box.lease("sp", 10, live=True))
         await box.ack("sp", await box.lease("sp", 10))
         assert (await box.stats()).outputs["sp"].position == 4
