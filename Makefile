@@ -28,13 +28,16 @@ fuzz: $(BIN)/.installed
 	done
 
 # test-tools: mosquitto is the real broker the tests start on free ports (openssl makes their TLS
-# certificates, protoc cross-checks the Sparkplug encoding). Installed with apt-get when
+# certificates, protoc cross-checks the Sparkplug encoding, socat makes virtual serial lines, mbpoll
+# is a third-party Modbus RTU master). Installed with apt-get when
 # missing and we are root; otherwise say how.
 test-tools:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	command -v socat >/dev/null || missing="$$missing socat"; \
+	command -v mbpoll >/dev/null || missing="$$missing mbpoll"; \
 	if [ -n "$$missing" ]; then \
 	  $(call apt_install,$$missing); \
 	fi

@@ -9,12 +9,11 @@ import logging
 import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gateway.backoff import Backoff
 from gateway.collectors import Collector
-from gateway.collectors.registry import Device, protocol
+from gateway.collectors.registry import Device, make_collectors
 from gateway.config import Settings
 from gateway.errors import BrokerUnavailable
 from gateway.model import Batch, Entry
@@ -32,11 +31,6 @@ from gateway.state import REPORT_EVERY, State, report
 # which a Modbus gateway that publishes UNS need not carry.
 
 log = logging.getLogger(__name__)
-
-
-def make_collector(device: Device, pki_dir: Path) -> Collector:
-    """The collector for one configured device (its protocol's factory)."""
-    return protocol(device).collector(device, pki_dir)
 
 
 # A broker that drops the connection this many times in a row on the same reading is taken
@@ -214,7 +208,7 @@ class Gateway:
             return
         collectors: list[tuple[Device, Collector]] = []
         try:
-            collectors.extend((device, make_collector(device, s.pki_dir)) for device in s.devices)
+            collectors.extend(make_collectors(s.devices, s.pki_dir))
             outputs = [_output(s, o, outbox, collectors) for o in s.outputs]
             self.state = state = State((d.name, t.name) for d in s.devices for t in d.tags)
             for o in outputs:

@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
 
 from gateway import tls, yamlload
 from gateway.collectors import DeviceSettings
-from gateway.collectors.registry import PROTOCOLS, Device
+from gateway.collectors.registry import PROTOCOLS, Device, by_protocol
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
 from gateway.publishers.settings import MqttSettings, OutputSettings, SparkplugSettings
@@ -130,6 +130,8 @@ class ConfigFile(Model):
         outputs = list(self.resolved_outputs())
         _check_outputs(outputs)
         check_unique((d.name for d in self.devices), "device")
+        for name, group in by_protocol(self.devices).items():
+            PROTOCOLS[name].check_together(group)
         if any(o.format == "sparkplug" for _, o in outputs):
             # Sparkplug ids and metric names should not differ only in case: some hosts
             # fold case, and two devices (or tags) would then become one.

@@ -96,23 +96,41 @@ def no_files(device: D, index: int, base: Path, problems: list[str]) -> D:
     return device
 
 
+def each_alone(device: Sequence[tuple[int, D]]) -> None:
+    """`ProtocolEntry.check_together` of a protocol whose devices share nothing."""
+
+
+def one_each(make: Callable[[D, Path], Collector]) -> Callable[[Sequence[D], Path], list[Collector]]:
+    """`ProtocolEntry.collectors` of a protocol whose devices share nothing: `make` per device."""
+
+    def collectors(devices: Sequence[D], pki_dir: Path) -> list[Collector]:
+        return [make(device, pki_dir) for device in devices]
+
+    return collectors
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolEntry(Generic[D]):
     """One protocol, as the registry lists it.
 
     - `name`: the value of `protocol:` in a device's settings (its model's discriminator).
     - `settings`: the device settings model.
-    - `collector(device, pki_dir)`: the device's collector. It imports the protocol stack
-      (asyncua alone adds 27 MB of RSS), so that a gateway loads only the stacks it uses.
+    - `collectors(devices, pki_dir)`: the collectors of the protocol's devices, one each, in
+      their order: given all at once, so that devices which share a connection (a Modbus
+      serial line) can share it. It imports the protocol stack (asyncua alone adds 27 MB of
+      RSS), so that a gateway loads only the stacks it uses.
     - `metric_types(device)`: (tag, datatype, unit) of each tag, for the formats that type
       their metrics (Sparkplug B).
     - `resolve_files(device, index, base, problems)`: the device with the files its settings
       name made relative to the config file's folder `base`; what is wrong with them appended
       to `problems`, each naming its key path (`devices[3].security.password_file: ...`).
+    - `check_together(devices)`: raises `ProblemAt` (at `devices[i]...`) when devices of the
+      protocol, given with their index in `devices:`, contradict one another.
     """
 
     name: str
     settings: type[D]
-    collector: Callable[[D, Path], Collector]
+    collectors: Callable[[Sequence[D], Path], list[Collector]]
     metric_types: Callable[[D], list[MetricType]]
     resolve_files: Callable[[D, int, Path, list[str]], D] = no_files
+    check_together: Callable[[Sequence[tuple[int, D]]], None] = each_alone

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from gateway import config
-from gateway.collectors.modbus.settings import ModbusDevice, ModbusTag
+from gateway.collectors.modbus.settings import ModbusDevice, ModbusTag, SerialLine
 from gateway.collectors.opcua.settings import OpcUaDevice, OpcUaSecurity, OpcUaTag
 from gateway.errors import ConfigError
 from gateway.settings_types import AssetOverride, Model, mqtt_text_problem
@@ -118,26 +118,21 @@ def test_every_shipped_config_passes_check(file: Path) -> None:
         ("devices.0.port", 70000, "devices[0].port", "less than or equal to 65535"),
         ("devices.0.colour", "red", "devices[0].colour", "unknown key"),
         ("devices.0.protocol", "profibus", "devices[0]", "unknown protocol 'profibus'"),
-        ("devices.0.host", _DELETE, "devices[0].host", "required key is missing"),
+        (
+            "devices.0.host",
+            _DELETE,
+            "devices[0].host",
+            "required key is missing: give host (Modbus TCP, or RTU over TCP) or serial",
+        ),
         ("devices.0.tags.2.table", "register", "devices[0].tags[2].table", "'coil'"),
         ("devices.0.tags.2.type", "float32", "devices[0].tags[2]", "type must be bool"),
         ("devices.0.tags.0.bit", 3, "devices[0].tags[0]", "bit applies only to type bool"),
         ("devices.0.tags.0.name", "temp/1", "devices[0].tags[0].name", "pattern"),
         ("devices.0.tags.0.name", "temp+", "devices[0].tags[0].name", "pattern"),
         ("devices.0.tags.0.name", "$state", "devices[0].tags[0].name", "may not start with '$'"),
-        (
-            "devices.0.tags.1",
-            {"name": "strokes", "table": "holding", "address": 1, "type": "uint32"},
-            "devices[0]",
-            "tag 'strokes' (holding 1-2) overlaps tag 'temperature' (holding 0-1)",
-        ),
+        ("devices.0.serial", {"port": "/dev/ttyUSB0"}, "devices[0].host", "not both"),
+        ("devices.0.framer", "ascii", "devices[0].framer", "'socket' or 'rtu'"),
         ("devices.0.tags.1.name", "temperature", "devices[0]", "tag name 'temperature' is used twice"),
-        (
-            "devices.0.tags.1",
-            {"name": "temperature_copy", "table": "holding", "address": 0, "type": "float32"},
-            "devices[0]",
-            "overlaps tag 'temperature'",
-        ),
         ("devices.0.tags.0.type", "string", "devices[0].tags[0]", "needs length"),
         ("gateway.site", "plant#1", "gateway.site", "pattern"),
         ("mqtt.url", "http://broker", "mqtt.url", "mqtt:// or mqtts://"),
@@ -480,7 +475,7 @@ def test_what_strict_types_still_accept() -> None:
 MODELS = [
     config.ConfigFile, config.Settings, config.GatewaySettings, config.OutboxSettings, config.MqttSettings,
     config.OutputSettings, config.SparkplugSettings, ModbusDevice, ModbusTag, OpcUaDevice, OpcUaSecurity,
-    OpcUaTag, AssetOverride,
+    OpcUaTag, AssetOverride, SerialLine,
 ]  # fmt: skip
 WRONG = {"integer": [True, 1.5, "1"], "number": [True, False], "boolean": [1, 0, "yes", "true"]}
 

@@ -104,13 +104,13 @@ LOADED = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from gateway import config
-    from gateway.app import make_collector
+    from gateway.collectors.registry import make_collectors
     from gateway.outbox import Outbox
     from gateway.publishers.formats import FORMATS, OutputContext
 
     async def main() -> None:
         s = config.load(sys.argv[1])
-        collectors = [(d, make_collector(d, s.pki_dir)) for d in s.devices]
+        collectors = make_collectors(s.devices, s.pki_dir)
         outbox = await Outbox.open(s.outbox.path)
         built = FORMATS[s.outputs[0].format](OutputContext(s, s.outputs[0], outbox, collectors))
         await built.connection.close()

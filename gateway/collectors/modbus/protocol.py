@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.collectors import Collector, MetricType, ProtocolEntry
-from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.collectors.modbus.settings import ModbusDevice, check_links
 
 
-def _collector(device: ModbusDevice, pki_dir: Path) -> Collector:
-    from gateway.collectors.modbus.collector import ModbusCollector  # pymodbus: see ProtocolEntry
+def _collectors(devices: Sequence[ModbusDevice], pki_dir: Path) -> list[Collector]:
+    """One collector per device; devices on one connection (`ModbusDevice.link`) share a Bus."""
+    from gateway.collectors.modbus.bus import Bus  # pymodbus: see ProtocolEntry
+    from gateway.collectors.modbus.collector import ModbusCollector
 
-    return ModbusCollector(device)
+    buses: dict[tuple[str, ...], Bus] = {}
+    return [ModbusCollector(d, buses.setdefault(d.link, Bus(d))) for d in devices]
 
 
 def _metric_types(device: ModbusDevice) -> list[MetricType]:
@@ -22,4 +26,4 @@ def _metric_types(device: ModbusDevice) -> list[MetricType]:
     ]
 
 
-MODBUS = ProtocolEntry("modbus", ModbusDevice, _collector, _metric_types)
+MODBUS = ProtocolEntry("modbus", ModbusDevice, _collectors, _metric_types, check_together=check_links)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Sequence
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, Strict, model_validator
@@ -16,6 +16,7 @@ from gateway.settings_types import (
     Int,
     Model,
     NonNegativeFloat,
+    ProblemAt,
     ReconnectMax,
     Segment,
     TagName,
@@ -108,14 +109,87 @@ class ModbusTag(Model):
         return self
 
 
+# A character on a serial line is a start bit, the data bits, the parity bit (unless none)
+# and the stop bits. Modbus over serial line (V1.02) 2.5.1.1: frames are separated by a
+# silence of at least 3.5 characters, fixed at 1.75 ms above 19200 baud.
+FAST_BAUDRATE = 19200
+FAST_FRAME_GAP = 0.00175
+
+# Time a unit may take to begin its answer, unless the device says (`timeout`): a Modbus TCP
+# device may sit behind a network; a unit on a serial line answers within a few tens of
+# milliseconds or not at all, and while it is silent no other unit on the line can be read.
+TCP_TIMEOUT = 1.0
+SERIAL_TIMEOUT = 0.3
+
+
+class SerialLine(Model):
+    """An RS-485 (or RS-232) port and how its line is set."""
+
+    port: str = Field(
+        min_length=1,
+        description="Serial port. Prefer /dev/serial/by-id/... : /dev/ttyUSB0 can come back as ttyUSB1 "
+        "after the adapter is unplugged.",
+    )
+    baudrate: Int = Field(default=19200, ge=50, le=4_000_000, description="Bits per second.")
+    parity: Literal["N", "E", "O"] = Field(
+        default="E", description="N (none), E (even, the Modbus default) or O (odd)."
+    )
+    stopbits: Int = Field(default=1, ge=1, le=2, description="Stop bits: 1, or 2 (usual with parity N).")
+    bytesize: Int = Field(default=8, ge=7, le=8, description="Data bits: 8 as Modbus RTU asks, or 7.")
+
+    @property
+    def char_time(self) -> float:
+        """Seconds one character takes on the wire."""
+        return (1 + self.bytesize + (self.parity != "N") + self.stopbits) / self.baudrate
+
+    @property
+    def frame_gap(self) -> float:
+        """The silence the line needs between two frames."""
+        return FAST_FRAME_GAP if self.baudrate > FAST_BAUDRATE else 3.5 * self.char_time
+
+
 class ModbusDevice(Model):
     name: Segment = Field(description="Device name; unique; a segment of its MQTT topics.")
-    protocol: Literal["modbus"] = Field(description="modbus: Modbus TCP.")
-    host: str = Field(min_length=1, description="IP address or host name of the device or gateway.")
-    port: Int = Field(default=502, ge=1, le=65535, description="TCP port.")
-    unit: Int = Field(default=1, ge=0, le=255, description="Modbus unit (slave/device) id.")
+    protocol: Literal["modbus"] = Field(
+        description="modbus: Modbus TCP, Modbus RTU on a serial line, or RTU over TCP."
+    )
+    host: str | None = Field(
+        default=None,
+        min_length=1,
+        description="IP address or host name of the device, or of the gateway or serial device server "
+        "in front of it. Give host or serial.",
+    )
+    port: Int = Field(default=502, ge=1, le=65535, description="TCP port (with host).")
+    framer: Literal["socket", "rtu"] | None = Field(
+        default=None,
+        description="With host: socket (Modbus TCP, the default) or rtu (RTU frames over the TCP "
+        "connection, as a serial device server passes them). A serial line is always rtu.",
+    )
+    serial: SerialLine | None = Field(
+        default=None, description="The serial line the unit is on (Modbus RTU). Give host or serial."
+    )
+    unit: Int = Field(
+        default=1, ge=0, le=255, description="Modbus unit (slave/device) id; 1-247 on a serial line."
+    )
     poll: Duration = Field(default=1.0, description="Poll interval, e.g. 500ms, 1s, 1m.")
-    timeout: Duration = Field(default=1.0, description="Time to wait for each response.")
+    timeout: Duration | None = Field(
+        default=None,
+        description="Time the unit may take to begin its answer (on a serial line the time the frames "
+        "take on the wire comes on top). Default: 1s for Modbus TCP, 300ms for RTU.",
+    )
+    frame_gap: Duration | None = Field(
+        default=None,
+        description="Silence on the line before each request to this unit, for units that need more "
+        "than the 3.5 character times (1.75 ms above 19200 baud) Modbus RTU asks for.",
+    )
+    busy_retries: Int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="How often a request answered with exception 06 (busy) or 05 (acknowledge) is "
+        "sent again, busy_wait apart, before its tags are reported Bad.",
+    )
+    busy_wait: Duration = Field(default=0.1, description="Wait before a request answered busy is sent again.")
     reconnect_max: ReconnectMax = Field(default=10.0, description=RECONNECT_MAX_DESCRIPTION)
     order: ByteOrder = Field(default="ABCD", description="Default byte/word order of multi-register tags.")
     max_gap: Int = Field(
@@ -128,6 +202,8 @@ class ModbusDevice(Model):
     asset: AssetOverride = Field(
         default_factory=AssetOverride, description="Override the gateway's ISA-95 levels for this device."
     )
+    # Tags may overlap: the same registers read as two types, as raw and scaled, or in two
+    # byte orders while finding out a new device's. The planner reads them once.
     tags: list[ModbusTag] = Field(min_length=1, description="The values to read.")
 
     @property
@@ -135,19 +211,72 @@ class ModbusDevice(Model):
         """How often the poller calls read()."""
         return self.poll
 
+    @property
+    def rtu(self) -> bool:
+        """Whether requests go as RTU frames (a serial line, or framer rtu over TCP)."""
+        return self.serial is not None or self.framer == "rtu"
+
+    @property
+    def response_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else SERIAL_TIMEOUT if self.rtu else TCP_TIMEOUT
+
+    @property
+    def link(self) -> tuple[str, ...]:
+        """The physical connection: devices with the same link share one (a `Bus`)."""
+        if self.serial is not None:
+            return ("serial", self.serial.port)
+        assert self.host is not None  # (_one_connection)
+        return ("tcp", self.host.lower(), str(self.port))
+
+    def where(self) -> str:
+        """The connection, for messages: `/dev/ttyUSB0` or `10.0.0.5:502`."""
+        return self.serial.port if self.serial is not None else f"{self.host}:{self.port}"
+
     @model_validator(mode="after")
-    def _unique_and_disjoint(self) -> Self:
+    def _one_connection(self) -> Self:
         check_unique((t.name for t in self.tags), "tag")
-        # Two tags over the same registers almost always mean a typo in an address. Bits of
-        # one register are the exception: several bool tags may share a status word.
-        spans = sorted(
-            ((t.table, t.address, t.address + t.size - 1, t) for t in self.tags if t.bit is None),
-            key=lambda span: span[:3],
-        )
-        for (ta, _, end_a, a), (tb, start_b, end_b, b) in itertools.pairwise(spans):
-            if ta == tb and start_b <= end_a:
-                raise ValueError(
-                    f"tag {b.name!r} ({tb} {start_b}-{end_b}) overlaps tag {a.name!r} "
-                    f"({ta} {a.address}-{end_a})"
-                )
+        if self.serial is not None:
+            if self.host is not None or "port" in self.model_fields_set:
+                key = "host" if self.host is not None else "port"
+                raise ProblemAt((key,), "give host and port (Modbus TCP) or serial (an RTU line), not both")
+            if self.framer == "socket":
+                raise ProblemAt(("framer",), "a serial line carries RTU frames: leave framer out, or rtu")
+        elif self.host is None:
+            raise ProblemAt(
+                ("host",),
+                "required key is missing: give host (Modbus TCP, or RTU over TCP) or serial (an RTU line)",
+            )
+        if self.rtu and not 1 <= self.unit <= 247:
+            # 0 is the broadcast address, which no unit answers; 248-255 are reserved.
+            raise ProblemAt(("unit",), f"{self.unit} is not a unit id of RTU: 1-247")
         return self
+
+
+# What devices sharing a connection must agree on, and the key that says it.
+_SHARED = {"serial": ("baudrate", "parity", "stopbits", "bytesize"), "tcp": ("framer",)}
+
+
+def check_links(devices: Sequence[tuple[int, ModbusDevice]]) -> None:
+    """Raise ProblemAt (at `devices[i]...`) for a device that shares a connection with an
+    earlier one and disagrees on how it is set: a serial line has one baud rate, a TCP
+    connection one framing."""
+    first: dict[tuple[str, ...], tuple[int, ModbusDevice]] = {}
+    for index, device in devices:
+        link = device.link
+        if link not in first:
+            first[link] = (index, device)
+            continue
+        _, other = first[link]
+        for key in _SHARED[link[0]]:
+            loc: tuple[str, ...] = ("serial", key)
+            if link[0] == "serial":
+                mine, theirs = getattr(device.serial, key), getattr(other.serial, key)
+            else:
+                loc = (key,)
+                mine, theirs = ("rtu" if device.rtu else "socket"), ("rtu" if other.rtu else "socket")
+            if mine != theirs:
+                raise ProblemAt(
+                    ("devices", index, *loc),
+                    f"{device.name!r} and {other.name!r} share {device.where()} but not its {key}: "
+                    f"{mine} here, {theirs} there",
+                )

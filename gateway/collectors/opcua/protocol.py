@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gateway.collectors import Collector, MetricType, ProtocolEntry
+from gateway.collectors import Collector, MetricType, ProtocolEntry, one_each
 from gateway.collectors.opcua.settings import OpcUaDevice, as_fingerprint
 from gateway.settings_types import SECRET_FILE, home, resolve_file, shown
 
@@ -73,4 +73,4 @@ def _server_certificate_problem(setting: str, path: Path) -> str | None:
     )
 
 
-OPCUA = ProtocolEntry("opcua", OpcUaDevice, _collector, _metric_types, _resolve_files)
+OPCUA = ProtocolEntry("opcua", OpcUaDevice, one_each(_collector), _metric_types, _resolve_files)

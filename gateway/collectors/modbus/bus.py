@@ -1,0 +1,341 @@
+"""One physical Modbus connection, shared by every device on it: a `Bus`.
+
+A serial line carries the requests of all its units, one at a time; so does a Modbus TCP
+gateway that accepts a single connection for the serial units behind it, and a serial device
+server that passes RTU frames over a TCP socket. The devices on one such connection each
+keep their own collector (poll interval, deadband, state, backoff) and share its Bus: one
+pymodbus client, one request at a time, and on a serial line the silence between frames
+that RTU needs (3.5 character times, 1.75 ms above 19200 baud, or a device's `frame_gap`).
+
+The connection is open while any of its devices holds it (`open` / `release`): a unit that
+does not answer releases it, backs off on its own and holds it again later, while the others
+go on. A unit's timeout is its own (short on a serial line, where everyone waits while a
+unit is silent), and the bus measures it from the request, with the time the frames take on
+the wire added.
+
+pymodbus is used for the connection (TCP socket, or the serial port through pyserial), the
+transaction and to encode requests. Its own retries, reconnects and timeouts are switched
+off: the poller owns the schedule, and the bus the timeouts (pymodbus would close a TCP
+connection after a few unanswered requests, whichever unit they were for). Responses are
+framed here, never by pymodbus (see `_Framer` and `_RtuFramer`, and the collector for why),
+and every frame becomes an `_Answer` for the collector to compare with its request.
+
+A late answer is never taken for another request's. On Modbus TCP each request has its
+own transaction id: an answer with the id of a request that timed out is dropped. An RTU
+frame has no transaction id at all (pymodbus gives it 0; pymodbus issue 2636), so an
+answer is taken only from the unit asked, with the function asked; a late answer from any
+other unit is dropped. A unit that timed out is asked again only after its backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusIOException
+from pymodbus.framer import FramerRTU, FramerSocket, FramerType
+from pymodbus.pdu import ModbusPDU
+
+from gateway.collectors.modbus.settings import TCP_TIMEOUT, ModbusDevice, SerialLine
+from gateway.errors import DeviceTimeout, NotConnected
+
+if TYPE_CHECKING:
+    from gateway.collectors.modbus.planner import Request
+
+log = logging.getLogger(__name__)
+
+FUNCTIONS = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}  # read function code per table
+MBAP = struct.Struct(">HHHB")  # transaction id, protocol id (0), length (unit id + PDU), unit id
+# The largest MBAP length Modbus TCP allows: a 260-byte ADU is the 7-byte header and a
+# 253-byte PDU, and the length counts the unit id and the PDU.
+MAX_LENGTH = 254
+# asyncio hands a protocol at most this much per read (selector transports' recv size).
+MAX_READ = 256 * 1024
+# pymodbus's own timeout, which must never fire before the bus's (see the module docstring).
+NEVER = 24 * 3600.0
+# Transaction ids of requests that timed out on a shared TCP connection, whose answers may
+# still come; a device answers late by a moment, not by eight requests.
+STALE_IDS = 8
+
+Client = AsyncModbusTcpClient | AsyncModbusSerialClient
+
+RTU_REQUEST = 8  # bytes of a read request on the wire: unit, function, start, count, CRC
+
+
+class _Answer(ModbusPDU):
+    """One frame received on our connection, as a framer found it; never raises.
+
+    `pdu` is the function code and the data. `tid` and `unit` are the ids the frame carried;
+    `transaction_id` and `dev_id` are the request's, so that pymodbus hands the answer to
+    the collector instead of raising on a mismatch, and the collector compares the two.
+    `lost` says why the bytes were not Modbus TCP framing at all (then `pdu` is empty and
+    the stream cannot be trusted any more).
+    """
+
+    def __init__(self, unit: int, tid: int, pdu: bytes = b"", *, ids: tuple[int, int] = (0, 0),
+                 lost: str = "") -> None:  # fmt: skip
+        super().__init__(dev_id=unit, transaction_id=tid)
+        self.pdu = pdu
+        self.tid, self.unit = ids
+        self.lost = lost
+
+    @property
+    def unit_matches(self) -> bool:
+        """The frame is from the unit asked. Unit 0 and 255 mean "the device itself" on
+        Modbus TCP, and many such devices answer with their own id instead: any id then."""
+        return self.unit == self.dev_id or self.dev_id in (0, 255)
+
+
+class _Framer(FramerSocket):
+    """MBAP framing for our client: every complete frame becomes an `_Answer`.
+
+    Replaces pymodbus's own `handleFrame`, which raises out of `data_received` on a frame
+    it cannot decode, skips or accepts frames by their ids without saying so, and waits
+    on a bad header (see the collector's docstring). Consumes one frame per call, after
+    any late answers to requests that timed out (`stale`); pymodbus discards whatever is
+    left when it sends the next request.
+    """
+
+    def __init__(self, framer: FramerSocket) -> None:
+        super().__init__(framer.decoder)
+        self.stale: collections.deque[int] = collections.deque(maxlen=STALE_IDS)
+
+    def handleFrame(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:
+        used = 0
+        while len(data) - used >= MBAP.size:
+            tid, protocol, length, unit = MBAP.unpack_from(data, used)
+            if protocol != 0 or not 2 <= length <= MAX_LENGTH:
+                # Not Modbus TCP. Nothing tells where a next frame would begin, so everything
+                # received is dropped, and the collector gives the connection up.
+                lost = f"bytes that are not Modbus TCP (protocol id {protocol}, MBAP length {length})"
+                return len(data), _Answer(exp_devid, exp_tid, lost=lost)
+            end = used + MBAP.size - 1 + length
+            if len(data) < end:
+                # The rest may come in a later segment; if it never does, the timeout ends the wait.
+                return used, None
+            if tid != exp_tid and tid in self.stale:
+                log.debug("dropped a late answer to transaction %d", tid)
+                used = end
+                continue
+            return end, _Answer(exp_devid, exp_tid, data[used + MBAP.size : end], ids=(tid, unit))
+        return used, None  # the header is not complete yet
+
+
+class _RtuFramer(FramerRTU):
+    """RTU framing for our client: the first frame from the unit asked becomes an `_Answer`.
+
+    RTU frames carry no length and no transaction id: a frame is found by its shape (unit,
+    function, byte count) and its CRC. Bytes that are no frame (noise, a half frame after a
+    line fault) are skipped; a frame from another unit (a late answer) is dropped. A frame
+    from the unit asked, with the function asked, that has not all arrived yet is waited for.
+    `heard` is when the last bytes arrived (monotonic), for the silence between frames.
+    """
+
+    def __init__(self, framer: FramerRTU) -> None:
+        super().__init__(framer.decoder)
+        self.function = 0  # the function of the request in flight (set by the bus)
+        self.heard = 0.0
+
+    def handleFrame(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:
+        self.heard = time.monotonic()
+        start, size = 0, len(data)
+        while start + 4 < size:  # the shortest frame (an exception) is 5 bytes
+            unit, function = data[start], data[start + 1]
+            length = _rtu_length(function, data[start + 2])
+            end = start + length
+            if length and end <= size and _crc_ok(data[start:end]):
+                if unit == exp_devid:
+                    return end, _Answer(exp_devid, exp_tid, data[start + 1 : end - 2], ids=(exp_tid, unit))
+                log.debug("dropped a frame from unit %d (asked: unit %d)", unit, exp_devid)
+                start = end
+                continue
+            if length and end > size and unit == exp_devid and function & 0x7F == self.function:
+                return start, None  # the answer is still arriving
+            start += 1
+        return start, None
+
+
+def _rtu_length(function: int, third: int) -> int:
+    """Bytes of an RTU response with `function` whose third byte is `third`; 0 if unknown."""
+    if function & 0x80:
+        return 5  # unit, function | 0x80, exception code, CRC
+    if function in (1, 2, 3, 4):
+        return 5 + third  # unit, function, byte count, data, CRC
+    if function in (5, 6, 15, 16):
+        return 8  # unit, function, address, value or count, CRC
+    return 0
+
+
+def _crc_ok(frame: bytes) -> bool:
+    return FramerRTU.compute_CRC(frame[:-2]) == frame[-2] << 8 | frame[-1]
+
+
+def _client(device: ModbusDevice) -> Client:
+    """A pymodbus client for `device`'s connection, framing its responses with our framers."""
+    client: Client
+    common = {"name": device.where(), "timeout": NEVER, "retries": 0, "reconnect_delay": 0}
+    if (line := device.serial) is not None:
+        client = AsyncModbusSerialClient(
+            line.port, framer=FramerType.RTU, baudrate=line.baudrate, bytesize=line.bytesize,
+            parity=line.parity, stopbits=line.stopbits, **common,  # type: ignore[arg-type]
+        )  # fmt: skip
+    else:
+        assert device.host is not None
+        framer = FramerType.RTU if device.rtu else FramerType.SOCKET
+        client = AsyncModbusTcpClient(device.host, port=device.port, framer=framer, **common)  # type: ignore[arg-type]
+    framer_ = client.ctx.framer
+    client.ctx.framer = _RtuFramer(framer_) if isinstance(framer_, FramerRTU) else _Framer(framer_)  # type: ignore[arg-type]
+    # pymodbus drops all it received, silently, once its buffer passes a frame's size, so
+    # an over-long frame would look like a timeout. Let every read reach the framer, which
+    # names the fault or skips the noise; the same check still bounds the buffer.
+    client.ctx.max_buffer_size = MAX_READ + MBAP.size - 1 + MAX_LENGTH
+    return client
+
+
+class Bus:
+    """The connection of the devices that share one serial port or one `host:port`.
+
+    `call` runs one request at a time for whichever device asks. Built from the first
+    device on the connection: the config makes every other one agree with it on the
+    connection's settings (`settings.check_links`).
+    """
+
+    def __init__(self, device: ModbusDevice) -> None:
+        self.where = device.where()
+        self._device = device
+        self._line: SerialLine | None = device.serial
+        self._client: Client | None = None
+        self._users: set[str] = set()
+        self._opening = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one request at a time
+        self._quiet = 0.0  # when the last frame on the line ended (monotonic)
+
+    @property
+    def users(self) -> frozenset[str]:
+        """The devices holding the connection."""
+        return frozenset(self._users)
+
+    async def open(self, device: str) -> None:
+        """Hold the connection for `device`, opening it if it is not open. Raises NotConnected."""
+        async with self._opening:
+            client = self._client
+            if client is None or not client.connected:
+                if client is not None:
+                    client.close()
+                    self._client = None
+                self._client = await self._connect(device)
+            self._users.add(device)
+
+    async def release(self, device: str) -> None:
+        """Let go of the connection for `device`; the last one out closes it."""
+        self._users.discard(device)
+        if not self._users and self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def call(self, device: ModbusDevice, request: Request) -> _Answer:
+        """Send `request` to `device`'s unit and return the first answer framed for it.
+
+        Raises NotConnected when the connection is gone (or the stream is out of step:
+        then it is closed) and DeviceTimeout when the unit did not answer in time.
+        """
+        async with self._lock:
+            client = self._client
+            # Checked here because pymodbus would otherwise try to reconnect on its own.
+            if client is None or not client.connected:
+                raise NotConnected(device.name, f"{self.where} closed the connection")
+            framer = client.ctx.framer
+            if isinstance(framer, _RtuFramer):
+                framer.function = FUNCTIONS[request.table]
+                self._quiet = max(self._quiet, framer.heard)
+            gap = max(self._line.frame_gap if self._line is not None else 0.0, device.frame_gap or 0.0)
+            if (wait := self._quiet + gap - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            try:
+                async with asyncio.timeout(self._timeout(device, request)):
+                    answer = await _call(client, request, device.unit)
+            except ConnectionException as exc:
+                raise NotConnected(device.name, str(exc)) from exc
+            except (TimeoutError, ModbusIOException) as exc:
+                # pymodbus reports "the connection went away while we waited" as
+                # ModbusIOException; the transport state tells it from a timeout.
+                if not client.connected:
+                    raise NotConnected(device.name, f"connection lost during {request}") from exc
+                await self._timed_out(client, device.name)
+                raise DeviceTimeout(
+                    device.name, f"no answer to {request} within {device.response_timeout:g} s"
+                ) from exc
+            finally:
+                self._quiet = time.monotonic()
+        if not isinstance(answer, _Answer):  # only our framers make the responses of our clients
+            raise TypeError(f"device {device.name}: unexpected response {answer}")
+        if answer.lost:
+            # The stream is out of step: whatever follows could be taken for an answer.
+            await self._drop(client)
+            raise NotConnected(device.name, f"{request} was answered with {answer.lost}")
+        return answer
+
+    def _timeout(self, device: ModbusDevice, request: Request) -> float:
+        """The unit's time to answer, plus the time its request and answer take on the wire."""
+        if self._line is None:
+            return device.response_timeout
+        bits = request.table in ("coil", "discrete")
+        answer = 5 + ((request.count + 7) // 8 if bits else 2 * request.count)
+        return device.response_timeout + (RTU_REQUEST + answer) * self._line.char_time
+
+    async def _timed_out(self, client: Client, device: str) -> None:
+        """After a request of `device` went unanswered: its answer may still come."""
+        if self._users <= {device}:
+            # Nobody else is on the connection: closing it is the surest way that a late
+            # answer cannot be taken for the next request's.
+            await self._drop(client)
+            return
+        framer = client.ctx.framer
+        if isinstance(framer, _Framer):  # (an RTU answer is taken from the unit asked only)
+            framer.stale.append(client.ctx.request_transaction_id)
+
+    async def _drop(self, client: Client) -> None:
+        if self._client is client:
+            self._client = None
+        client.close()
+
+    async def _connect(self, device: str) -> Client:
+        client = _client(self._device)
+        try:
+            # (Opening a serial port does not wait on anything.)
+            async with asyncio.timeout(max(self._device.response_timeout, TCP_TIMEOUT)):
+                connected = await client.connect()
+        except TimeoutError:
+            connected = False
+        if not connected:
+            client.close()
+            # pymodbus returns False (and logs the cause to its own logger) rather than raising.
+            raise NotConnected(device, self._why_not())
+        return client
+
+    def _why_not(self) -> str:
+        if self._line is None:
+            return f"cannot connect to {self.where}"
+        port = self._line.port
+        if not os.path.exists(port):
+            return f"serial port {port} does not exist (adapter unplugged?)"
+        if not os.access(port, os.R_OK | os.W_OK):
+            return f"no permission to open serial port {port} (is the gateway's user in the dialout group?)"
+        return f"cannot open serial port {port} (in use by another program?)"
+
+
+async def _call(client: Client, request: Request, unit: int) -> ModbusPDU:
+    start, count = request.start, request.count
+    if request.table == "holding":
+        return await client.read_holding_registers(start, count=count, device_id=unit)
+    if request.table == "input":
+        return await client.read_input_registers(start, count=count, device_id=unit)
+    if request.table == "coil":
+        return await client.read_coils(start, count=count, device_id=unit)
+    return await client.read_discrete_inputs(start, count=count, device_id=unit)
