@@ -56,29 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a bundled device simulator")
     ssub = sim.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
-    modbus = ssub.add_parser("modbus", help="Modbus TCP stamping press (register map: simulators/MODBUS.md)")
-    modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    modbus.add_argument("--port", type=int, default=5020, help="TCP port (default 5020)")
-    modbus.add_argument(
-        "--units", default="1,2", help="comma-separated unit ids, one press each (default 1,2)"
-    )
-    modbus.add_argument("--seed", type=int, default=None, help="random seed, for repeatable signals")
-    faults = modbus.add_argument_group("fault injection (to see how a gateway copes)")
-    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every response")
-    faults.add_argument(
-        "--exception",
-        type=int,
-        default=None,
-        metavar="CODE",
-        help="answer with this Modbus exception code (e.g. 2, 4)",
-    )
-    faults.add_argument(
-        "--exception-range", action="append", default=[], metavar="TABLE:FIRST-LAST",
-        help="only for requests touching this range, e.g. holding:0-9 (repeatable; default: every request)",
-    )  # fmt: skip
-    faults.add_argument(
-        "--drop-connections", action="store_true", help="accept connections and close them at once"
-    )
+    _simulate_modbus_parser(ssub)
 
     opcua = ssub.add_parser(
         "opcua", help="OPC UA CNC machine and packaging line (nodes: simulators/OPCUA.md)"
@@ -137,6 +115,50 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after this long (default: Ctrl-C)",
     )
     return p
+
+
+def _simulate_modbus_parser(ssub: Any) -> None:
+    modbus = ssub.add_parser(
+        "modbus", help="Modbus TCP or RTU stamping press (register map: simulators/MODBUS.md)"
+    )
+    modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    modbus.add_argument("--port", type=int, default=5020, help="TCP port (default 5020)")
+    line = modbus.add_argument_group("Modbus RTU on a serial line (instead of TCP)")
+    line.add_argument(
+        "--serial", default=None, metavar="PATH",
+        help="serve RTU on this serial port, or on one end of a virtual line (socat pty pair)",
+    )  # fmt: skip
+    line.add_argument("--baudrate", type=int, default=19200, help="bits per second (default 19200)")
+    line.add_argument("--parity", default="E", choices=["N", "E", "O"], help="parity (default E)")
+    line.add_argument("--stopbits", type=int, default=1, choices=[1, 2], help="stop bits (default 1)")
+    line.add_argument(
+        "--pace", action="store_true",
+        help="hold each answer back by the time its frames take at --baudrate (a virtual line has no speed)",
+    )  # fmt: skip
+    modbus.add_argument(
+        "--units", default="1,2", help="comma-separated unit ids, one press each (default 1,2)"
+    )
+    modbus.add_argument("--seed", type=int, default=None, help="random seed, for repeatable signals")
+    faults = modbus.add_argument_group("fault injection (to see how a gateway copes)")
+    faults.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="delay every response")
+    faults.add_argument(
+        "--exception",
+        type=int,
+        default=None,
+        metavar="CODE",
+        help="answer with this Modbus exception code (e.g. 2, 4)",
+    )
+    faults.add_argument(
+        "--exception-range", action="append", default=[], metavar="TABLE:FIRST-LAST",
+        help="only for requests touching this range, e.g. holding:0-9 (repeatable; default: every request)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--drop-connections", action="store_true",
+        help="accept connections and close them at once (on a serial line: answer nothing)",
+    )  # fmt: skip
+    faults.add_argument(
+        "--busy", type=int, default=0, metavar="N", help="answer the next N requests with exception 06 (busy)"
+    )
 
 
 def _sparkplug_parser(sub: Any) -> None:
@@ -365,12 +387,15 @@ def _decode_lines(decoder: Any, source: Path, name: str, topic: str | None) -> b
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulators.modbus import Faults, serve
+    from simulators.modbus import Faults, serve, serve_serial
 
     try:
         units = [int(u) for u in args.units.split(",") if u.strip()]
     except ValueError:
         print(f"millwright: --units {args.units!r}: expected numbers like 1,2", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.serial is not None and not all(1 <= u <= 247 for u in units):
+        print(f"millwright: --units {args.units!r}: a unit on a serial line is 1-247", file=sys.stderr)
         return EXIT_CONFIG
     try:
         faults = Faults(
@@ -378,10 +403,17 @@ def _simulate(args: argparse.Namespace) -> int:
             exception=args.exception,
             exception_ranges=[_table_range(text) for text in args.exception_range],
             drop_connections=args.drop_connections,
+            busy=args.busy,
         )
     except ValueError as exc:
         print(f"millwright: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.serial is not None:
+        log.warning("Modbus RTU simulator on %s (%d %s%d), unit(s) %s; Ctrl-C to stop",
+                    args.serial, args.baudrate, args.parity, args.stopbits, units)  # fmt: skip
+        asyncio.run(serve_serial(args.serial, units, args.seed, faults, baudrate=args.baudrate,
+                                 parity=args.parity, stopbits=args.stopbits, pace=args.pace))  # fmt: skip
+        return 0
     log.warning("Modbus simulator on %s:%d, unit(s) %s; Ctrl-C to stop", args.host, args.port, units)
     asyncio.run(serve(args.host, args.port, units, args.seed, faults))
     return 0

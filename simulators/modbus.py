@@ -1,4 +1,5 @@
-"""A stamping press served over Modbus TCP, with fault injection. Register map: MODBUS.md.
+"""A stamping press served over Modbus TCP or RTU on a serial line, with fault injection.
+Register map: MODBUS.md.
 
 The TCP side is a small MBAP frame handler on asyncio streams rather than pymodbus's
 server: pymodbus 3.16 routes every request through its own SimCore datastore (the
@@ -6,6 +7,10 @@ server: pymodbus 3.16 routes every request through its own SimCore datastore (th
 latency, per-range exceptions or dropped connections, and it would need a background task
 to copy model values into its blocks. Here each request advances the press model to the
 current time and encodes the registers on demand, so there is no background task at all.
+
+`SerialSimulator` serves the same presses as RTU units on a serial line: a real port, or
+one end of a virtual line (a socat pty pair). A request to a unit it does not serve, or
+with a bad CRC, gets silence, as on a real bus.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import asyncio
 import contextlib
 import logging
 import struct
+import termios
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from simulators.signals import Press
 
@@ -200,6 +207,8 @@ class Faults:
     # "input", both ends inclusive; an empty list means every request.
     exception_ranges: list[tuple[str, int, int]] = field(default_factory=list)
     drop_connections: bool = False  # close each connection on accept and at its next request
+    # (on a serial line: answer nothing, as a unit that was switched off)
+    busy: int = 0  # answer the next this many requests with exception 06 (busy), then normally
 
     def __post_init__(self) -> None:
         unknown = {table for table, _, _ in self.exception_ranges} - SIZES.keys()
@@ -208,6 +217,9 @@ class Faults:
 
     def exception_for(self, req: Request) -> int | None:
         """The exception code to inject for `req`, or None to answer it normally."""
+        if self.busy > 0:
+            self.busy -= 1
+            return 0x06
         if self.exception is None:
             return None
         if not self.exception_ranges:
@@ -220,7 +232,7 @@ class Faults:
         return self.exception if hit else None
 
     def clear(self) -> None:
-        self.latency, self.exception, self.drop_connections = 0.0, None, False
+        self.latency, self.exception, self.drop_connections, self.busy = 0.0, None, False, 0
         self.exception_ranges = []
 
 
@@ -231,7 +243,50 @@ def exception_pdu(function: int, code: int) -> bytes:
     return bytes([function | 0x80, code])
 
 
-class ModbusSimulator:
+class _Presses:
+    """One independent `Press` per unit id, and the faults injected into their answers."""
+
+    def __init__(self, units: Sequence[int], seed: int | None, tick: float) -> None:
+        self.faults = Faults()
+        # String seeds keep each unit's press reproducible and independent of the others.
+        self._presses = {
+            unit: Press(seed=None if seed is None else f"{seed}/{unit}", tick=tick) for unit in units
+        }
+
+    @property
+    def units(self) -> list[int]:
+        return sorted(self._presses)
+
+    def press(self, unit: int) -> Press:
+        """The machine behind `unit`, brought up to now, so forced state applies from now."""
+        press = self._presses[unit]
+        press.advance(time.monotonic())
+        return press
+
+    def _start_clocks(self) -> None:
+        now = time.monotonic()
+        for press in self._presses.values():
+            press.advance(now)  # time starts now, not at the first request
+
+    async def _respond(self, unit: int, pdu: bytes) -> bytes | None:
+        """The answer PDU to `pdu` for `unit`; None when no press serves that unit."""
+        if self.faults.latency > 0:
+            await asyncio.sleep(self.faults.latency)
+        press = self._presses.get(unit)
+        if press is None:
+            return None
+        try:
+            req = parse(pdu)
+            injected = self.faults.exception_for(req)
+            if injected is not None:
+                return exception_pdu(req.function, injected)
+            press.advance(time.monotonic())
+            return execute(press, req)
+        except ModbusError as exc:
+            return exception_pdu(pdu[0], exc.code)
+
+
+class ModbusSimulator(_Presses):
     """Serves one independent `Press` per unit id over Modbus TCP.
 
     An unknown unit id is answered with exception 0x0B (gateway target device failed to
@@ -247,28 +302,16 @@ class ModbusSimulator:
         seed: int | None = None,
         tick: float = 0.1,
     ) -> None:
+        super().__init__(units, seed, tick)
         self.host = host
         self.port = port
-        self.faults = Faults()
-        # String seeds keep each unit's press reproducible and independent of the others.
-        self._presses = {
-            unit: Press(seed=None if seed is None else f"{seed}/{unit}", tick=tick) for unit in units
-        }
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def press(self, unit: int) -> Press:
-        """The machine behind `unit`, brought up to now, so forced state applies from now."""
-        press = self._presses[unit]
-        press.advance(time.monotonic())
-        return press
-
     async def start(self) -> None:
         """Bind and listen; returns once connections are accepted. `port` is then the real port."""
-        now = time.monotonic()
-        for press in self._presses.values():
-            press.advance(now)  # time starts now, not at the first request
+        self._start_clocks()
         self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("modbus simulator listening on %s:%d, units %s", self.host, self.port, sorted(self._presses))
@@ -294,6 +337,11 @@ class ModbusSimulator:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now."""
+        return len(self._writers)
 
     def drop_clients(self) -> None:
         """Close every open client connection now, as a cable pull or a device reboot would."""
@@ -324,6 +372,8 @@ class ModbusSimulator:
                 if self.faults.drop_connections:
                     return
                 response = await self._respond(unit, pdu)
+                if response is None:
+                    response = exception_pdu(pdu[0], 0x0B)
                 if writer.is_closing():
                     return  # dropped while we were delaying the answer
                 writer.write(MBAP.pack(tid, 0, len(response) + 1, unit) + response)
@@ -336,21 +386,182 @@ class ModbusSimulator:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _respond(self, unit: int, pdu: bytes) -> bytes:
-        if self.faults.latency > 0:
-            await asyncio.sleep(self.faults.latency)
-        press = self._presses.get(unit)
-        if press is None:
-            return exception_pdu(pdu[0], 0x0B)
+
+# --- Modbus RTU on a serial line -----------------------------------------------------------
+
+# A partial request left on the line this long is noise: it is dropped. (Not the 3.5
+# character times of the spec: a USB adapter hands bytes over in bursts up to 16 ms apart.)
+STALE = 0.1
+MAX_RTU = 256  # the longest RTU frame
+
+
+def crc16(data: bytes) -> bytes:
+    """The Modbus CRC of `data`, as it goes on the wire (low byte first)."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc.to_bytes(2, "little")
+
+
+def request_length(frame: bytes) -> int:
+    """Bytes of the RTU request that `frame` begins; 0 when its function is unknown or its
+    length cannot be told yet."""
+    function = frame[1]
+    if function in (1, 2, 3, 4, 5, 6):
+        return 8  # unit, function, address, count or value, CRC
+    if function in (15, 16) and len(frame) > 6:
+        return 9 + frame[6]  # ... and a byte count, the values
+    return 0
+
+
+def next_request(data: bytes) -> tuple[bytes | None, bytes]:
+    """The first complete request with a good CRC in `data`, and what is left after it; or
+    None and the bytes that may still begin one. Noise before a request is skipped."""
+    keep = None
+    for start in range(len(data) - 3):
+        length = request_length(data[start:])
+        end = start + length
+        if length and end <= len(data) and crc16(data[start : end - 2]) == data[end - 2 : end]:
+            return data[start:end], data[end:]
+        # A request still arriving: its length is known and not all there, or it is a
+        # write whose byte count has not come yet.
+        arriving = end > len(data) if length else data[start + 1] in (15, 16)
+        if keep is None and arriving:
+            keep = start
+    keep = max(keep if keep is not None else len(data) - 3, len(data) - MAX_RTU, 0)
+    return None, data[keep:]
+
+
+class SerialSimulator(_Presses):
+    """Serves one `Press` per unit id as Modbus RTU units on one serial line.
+
+    `port` is a serial port or one end of a virtual line. A request to a unit not served,
+    a broadcast (unit 0), or a frame with a bad CRC gets no answer. When the port goes away
+    (an adapter unplugged, socat stopped) the simulator opens it again once it is back.
+    `pace` holds each answer back by the time the request and the answer would take on
+    the wire at `baudrate`: a virtual line passes bytes at once, whatever its settings.
+    """
+
+    def __init__(
+        self,
+        port: str,
+        units: Sequence[int] = (1, 2),
+        seed: int | None = None,
+        tick: float = 0.1,
+        *,
+        baudrate: int = 19200,
+        parity: str = "E",
+        stopbits: int = 1,
+        pace: bool = False,
+    ) -> None:
+        super().__init__(units, seed, tick)
+        self.port = port
+        self.baudrate, self.parity, self.stopbits = baudrate, parity, stopbits
+        self.char_time = (1 + 8 + (parity != "N") + stopbits) / baudrate
+        self.pace = pace
+        self.requests = 0  # requests answered, for tests and the bench
+        self._task: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start serving; returns once the port is open."""
+        self._start_clocks()
+        self._task = asyncio.create_task(self._serve(), name=f"modbus-sim-serial-{self.port}")
+        await self._opened.wait()
+        log.info("modbus simulator on serial %s (%d baud, parity %s), units %s",
+                 self.port, self.baudrate, self.parity, self.units)  # fmt: skip
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aenter__(self) -> SerialSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _serve(self) -> None:
+        import serial  # pyserial (a dependency of the gateway's serial lines)
+
+        missing = False
+        while True:
+            try:
+                line = serial.Serial(self.port, self.baudrate, parity=self.parity, stopbits=self.stopbits,
+                                     timeout=0, write_timeout=0)  # fmt: skip
+            except (OSError, ValueError, termios.error) as exc:  # (termios: a pty whose other end is gone)
+                if not missing:
+                    log.warning("modbus simulator: cannot open %s (%s); waiting for it", self.port, exc)
+                missing = True
+                await asyncio.sleep(STALE)
+                continue
+            missing = False
+            self._opened.set()
+            try:
+                await self._serve_line(line)
+            except (OSError, serial.SerialException) as exc:
+                log.warning("modbus simulator: %s went away (%s)", self.port, exc)
+            finally:
+                line.close()
+
+    async def _serve_line(self, line: Any) -> None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(line.fileno(), readable.set)
+        data = b""
         try:
-            req = parse(pdu)
-            injected = self.faults.exception_for(req)
-            if injected is not None:
-                return exception_pdu(req.function, injected)
-            press.advance(time.monotonic())
-            return execute(press, req)
-        except ModbusError as exc:
-            return exception_pdu(pdu[0], exc.code)
+            while True:
+                try:
+                    async with asyncio.timeout(STALE if data else None):
+                        await readable.wait()
+                except TimeoutError:
+                    data = b""  # a half frame, then silence: noise
+                    continue
+                readable.clear()
+                # (The event may be stale: the bytes it announced were read with earlier ones.
+                # A line whose other end is gone raises here.)
+                data += line.read(4096)
+                while True:
+                    request, data = next_request(data)
+                    if request is None:
+                        break
+                    if (answer := await self._answer(request)) is not None:
+                        if self.pace:
+                            await asyncio.sleep((len(request) + len(answer)) * self.char_time)
+                        line.write(answer)
+        finally:
+            loop.remove_reader(line.fileno())
+
+    async def _answer(self, request: bytes) -> bytes | None:
+        """The RTU frame answering `request`, or None for silence."""
+        unit, pdu = request[0], request[1:-2]
+        if unit == 0 or self.faults.drop_connections:
+            return None  # (a broadcast is not answered; this press is switched off)
+        response = await self._respond(unit, pdu)
+        if response is None:
+            return None  # not one of ours
+        self.requests += 1
+        frame = bytes([unit]) + response
+        return frame + crc16(frame)
+
+
+async def serve_serial(
+    port: str, units: Sequence[int], seed: int | None, faults: Faults | None = None, **line: Any
+) -> None:
+    """Run the simulator on a serial line until cancelled (`millwright simulate modbus --serial`)."""
+    sim = SerialSimulator(port, units, seed, **line)
+    if faults is not None:
+        sim.faults = faults
+    async with sim:
+        await asyncio.Event().wait()
 
 
 async def serve(

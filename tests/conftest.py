@@ -22,8 +22,11 @@ from tests.helpers import (
     is_long_lived,
     mosquitto_binary,
 )
+from tests.serial_line import VirtualLine
 
-__all__ = ["MakeMosquitto", "Subscribe"]  # re-exported: tests import them from here too
+MakeLine = Callable[..., VirtualLine]
+
+__all__ = ["MakeLine", "MakeMosquitto", "Subscribe"]  # re-exported: tests import them from here too
 
 # Property-based tests: no deadline (timing belongs in bench/, and a loaded 2-core machine
 # would make one flaky); each test bounds its own number of examples.
@@ -93,6 +96,24 @@ def make_mosquitto(tmp_path: Path) -> Iterator[MakeMosquitto]:
     yield make
     for broker in brokers:
         broker.stop()
+
+
+@pytest.fixture
+def make_line(tmp_path: Path) -> Iterator[MakeLine]:
+    """`make_line()` -> a started virtual serial line (`.a`, `.b`: its two ends; see
+    tests.serial_line); `make_line(tcp_port=P)`: `.a` joined to a TCP listener on P. All are
+    stopped at teardown."""
+    lines: list[VirtualLine] = []
+
+    def make(*, tcp_port: int | None = None) -> VirtualLine:
+        line = VirtualLine(tmp_path, f"line{len(lines)}")
+        lines.append(line)
+        line.start(tcp_port=tcp_port)
+        return line
+
+    yield make
+    for line in lines:
+        line.stop()
 
 
 @pytest.fixture

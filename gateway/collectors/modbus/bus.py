@@ -57,13 +57,21 @@ MBAP = struct.Struct(">HHHB")  # transaction id, protocol id (0), length (unit i
 MAX_LENGTH = 254
 # asyncio hands a protocol at most this much per read (selector transports' recv size).
 MAX_READ = 256 * 1024
-# pymodbus's own timeout, which must never fire before the bus's (see the module docstring).
+# pymodbus's response timeout once connected: it must never fire before the bus's (see the
+# module docstring).
 NEVER = 24 * 3600.0
 # Transaction ids of requests that timed out on a shared TCP connection, whose answers may
 # still come; a device answers late by a moment, not by eight requests.
 STALE_IDS = 8
 
 Client = AsyncModbusTcpClient | AsyncModbusSerialClient
+
+try:
+    import termios
+
+    PORT_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, termios.error)
+except ImportError:  # not a POSIX system
+    PORT_ERRORS = (OSError, ValueError)
 
 RTU_REQUEST = 8  # bytes of a read request on the wire: unit, function, start, count, CRC
 
@@ -179,7 +187,10 @@ def _crc_ok(frame: bytes) -> bool:
 def _client(device: ModbusDevice) -> Client:
     """A pymodbus client for `device`'s connection, framing its responses with our framers."""
     client: Client
-    common = {"name": device.where(), "timeout": NEVER, "retries": 0, "reconnect_delay": 0}
+    # `timeout` is for connecting; `Bus._connect` moves it out of the way then. (pyserial
+    # cannot take a day: it sets a terminal's read timeout from it, in tenths up to 25.5 s.)
+    common = {"name": device.where(), "timeout": max(device.response_timeout, TCP_TIMEOUT), "retries": 0,
+              "reconnect_delay": 0}  # fmt: skip
     if (line := device.serial) is not None:
         client = AsyncModbusSerialClient(
             line.port, framer=FramerType.RTU, baudrate=line.baudrate, bytesize=line.bytesize,
@@ -307,19 +318,21 @@ class Bus:
 
     async def _connect(self, device: str) -> Client:
         client = _client(self._device)
+        failure: Exception | None = None
         try:
-            # (Opening a serial port does not wait on anything.)
-            async with asyncio.timeout(max(self._device.response_timeout, TCP_TIMEOUT)):
-                connected = await client.connect()
-        except TimeoutError:
-            connected = False
+            connected = await client.connect()
+        except PORT_ERRORS as exc:
+            # (pymodbus catches OSError only; pyserial raises termios.error for settings the
+            # port refuses, such as a parity bit on a Linux pty.)
+            connected, failure = False, exc
         if not connected:
             client.close()
             # pymodbus returns False (and logs the cause to its own logger) rather than raising.
-            raise NotConnected(device, self._why_not())
+            raise NotConnected(device, self._why_not(failure))
+        client.ctx.comm_params.timeout_connect = NEVER  # (its response timeout: the bus has its own)
         return client
 
-    def _why_not(self) -> str:
+    def _why_not(self, failure: Exception | None) -> str:
         if self._line is None:
             return f"cannot connect to {self.where}"
         port = self._line.port
@@ -327,6 +340,8 @@ class Bus:
             return f"serial port {port} does not exist (adapter unplugged?)"
         if not os.access(port, os.R_OK | os.W_OK):
             return f"no permission to open serial port {port} (is the gateway's user in the dialout group?)"
+        if failure is not None:
+            return f"serial port {port} refuses {self._line}: {failure}"
         return f"cannot open serial port {port} (in use by another program?)"
 
 

@@ -137,6 +137,9 @@ class SerialLine(Model):
     stopbits: Int = Field(default=1, ge=1, le=2, description="Stop bits: 1, or 2 (usual with parity N).")
     bytesize: Int = Field(default=8, ge=7, le=8, description="Data bits: 8 as Modbus RTU asks, or 7.")
 
+    def __str__(self) -> str:
+        return f"{self.baudrate} {self.bytesize}{self.parity}{self.stopbits}"  # 19200 8E1
+
     @property
     def char_time(self) -> float:
         """Seconds one character takes on the wire."""

@@ -1,0 +1,360 @@
+"""Modbus RTU over virtual serial lines (socat pty pairs) and RTU over TCP: the collector and
+its shared Bus against the bundled simulator, a hand-driven unit, and a third-party master."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import serial
+
+from gateway.app import cancel
+from gateway.backoff import Backoff
+from gateway.broker import free_port
+from gateway.collectors import Collector
+from gateway.collectors.modbus.collector import ModbusCollector
+from gateway.collectors.modbus.settings import ModbusDevice
+from gateway.collectors.registry import make_collectors
+from gateway.errors import DeviceTimeout, NotConnected
+from gateway.model import Quality, Reading, Status
+from gateway.poller import poll
+from gateway.state import DeviceState
+from simulators.modbus import ModbusSimulator, SerialSimulator, crc16
+from tests.conftest import MakeLine
+from tests.helpers import eventually
+from tests.integration.test_modbus_collector import TAGS, by_tag
+from tests.integration.test_poller import Sink
+from tests.serial_line import VirtualLine
+
+
+def rtu(port: str, name: str = "press-1", unit: int = 1, **fields: Any) -> ModbusDevice:
+    """A device on the virtual line `port` (parity N: see tests.serial_line)."""
+    return ModbusDevice.model_validate(
+        {"name": name, "protocol": "modbus", "serial": {"port": port, "parity": "N"}, "unit": unit,
+         "timeout": "200ms", "tags": TAGS, **fields}
+    )  # fmt: skip
+
+
+def collectors(*devices: ModbusDevice) -> list[ModbusCollector]:
+    """The gateway's collectors of `devices` (those on one connection share its Bus)."""
+    made = [c for _, c in make_collectors(list(devices), pki_dir=None)]  # type: ignore[arg-type]
+    assert all(isinstance(c, ModbusCollector) for c in made)
+    return made  # type: ignore[return-value]
+
+
+@pytest.fixture
+def line(make_line: MakeLine) -> VirtualLine:
+    return make_line()
+
+
+@pytest.fixture
+async def sim(line: VirtualLine) -> AsyncIterator[SerialSimulator]:
+    async with SerialSimulator(line.a, units=(1, 2), seed=7, parity="N") as simulator:
+        yield simulator
+
+
+async def read_all(*cs: Collector) -> list[list[Reading]]:
+    return list(await asyncio.gather(*(c.read() for c in cs)))
+
+
+async def mbpoll(*args: str) -> str:
+    """Run mbpoll (libmodbus) once as an RTU master on a virtual line; its output."""
+    process = await asyncio.create_subprocess_exec(
+        "mbpoll", "-m", "rtu", "-b", "19200", "-P", "none", "-1", "-o", "1", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, _ = await process.communicate()
+    assert process.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_a_third_party_master_reads_and_writes_the_simulator(
+    line: VirtualLine, sim: SerialSimulator
+) -> None:
+    # mbpoll's -r is 1-based: holding 10-14 is -r 11. The program name is PART-4711.
+    out = await mbpoll("-a", "1", "-t", "4:hex", "-r", "11", "-c", "5", line.b)
+    words = [int(w, 16) for w in re.findall(r"^\[\d+\]:\s+(0x[0-9A-Fa-f]+)", out, re.MULTILINE)]
+    assert b"".join(w.to_bytes(2, "big") for w in words) == b"PART-4711\0"
+    await mbpoll("-a", "2", "-t", "4", "-r", "6", line.b, "120")  # write speed, unit 2
+    assert sim.press(2).speed_setpoint == 120
+    assert sim.press(1).speed_setpoint == 30
+
+
+async def test_every_table_and_type_over_rtu(line: VirtualLine, sim: SerialSimulator) -> None:
+    press = sim.press(1)
+    press.running = False  # no strokes between the requests: the counters can be compared
+    (collector,) = collectors(rtu(line.b))
+    await collector.connect()
+    try:
+        r = by_tag(await collector.read())
+    finally:
+        await collector.close()
+    assert all(reading.quality is Quality.GOOD for reading in r.values()), r
+    assert r["program"].value == "PART-4711"
+    assert r["speed_setpoint"].value == 30
+    assert r["strokes"].value == r["strokes_in"].value == press.strokes  # ABCD holding, CDAB input
+    assert r["good_parts"].value == press.good_parts
+    assert r["running"].value is False
+    assert r["status_running"].value is False
+    assert r["temperature"].value == pytest.approx(press.temperature, abs=0.5)
+    assert r["energy_wh"].value == pytest.approx(press.energy_wh, rel=1e-3)
+    assert r["estop_ok"].value is press.estop_ok
+
+
+async def test_two_units_share_one_line_one_request_at_a_time(
+    line: VirtualLine, sim: SerialSimulator
+) -> None:
+    sim.press(2).speed_setpoint = 77
+    one, two = collectors(rtu(line.b, "press-1", 1), rtu(line.b, "press-2", 2))
+    await one.connect()
+    await two.connect()
+    try:
+        # Both at once, over and over: without one request at a time their frames would
+        # collide on the line, and answers go to the wrong unit or none.
+        for _ in range(10):
+            first, second = map(by_tag, await read_all(one, two))
+            assert (first["speed_setpoint"].value, second["speed_setpoint"].value) == (30, 77)
+            assert all(reading.quality is Quality.GOOD for reading in [*first.values(), *second.values()])
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def _pollers(
+    devices: list[ModbusDevice], sink: Sink, backoff: Callable[[], Backoff]
+) -> tuple[dict[str, DeviceState], list[asyncio.Task[None]]]:
+    states = {d.name: DeviceState(d.name) for d in devices}
+    tasks = [
+        asyncio.create_task(poll(c, d.poll, sink, state=states[d.name], backoff=backoff()))
+        for d, c in zip(devices, collectors(*devices), strict=True)
+    ]
+    return states, tasks
+
+
+async def test_an_absent_unit_is_bad_once_and_does_not_slow_the_others(
+    line: VirtualLine, sim: SerialSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.poller")
+    tags = TAGS[:2]
+    devices = [rtu(line.b, name, unit, poll="200ms", timeout="100ms", tags=tags)
+               for name, unit in (("press-1", 1), ("press-2", 2), ("absent", 9))]  # fmt: skip
+    sink = Sink()
+    states, tasks = await _pollers(devices, sink, lambda: Backoff(initial=0.5, cap=2.0))
+    try:
+        absent, present = states["absent"], [states["press-1"], states["press-2"]]
+        await eventually(lambda: absent.read_errors >= 1, timeout=10, what="the absent unit's first timeout")
+        reads = [s.reads for s in present]
+        await eventually(
+            lambda: absent.read_errors >= 3, timeout=20, what="two more tries of the absent unit"
+        )
+    finally:
+        await cancel(tasks)
+    # Its backoff waited 0.5 s and 1 s between those tries: 7 ticks of the others at 200 ms.
+    # Had its timeouts held the line for longer than they do, the others would fall behind.
+    assert all(s.reads - before >= 4 for s, before in zip(present, reads, strict=True)), states
+    assert [(r.tag, r.status) for r in sink.of("absent")] == [(t["name"], Status.BAD_TIMEOUT) for t in tags]
+    assert all(r.quality is Quality.GOOD for name in ("press-1", "press-2") for r in sink.of(name))
+    unreachable = [r for r in caplog.records if "absent unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+
+
+async def test_the_line_going_away_and_coming_back(
+    line: VirtualLine, sim: SerialSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.poller")
+    devices = [rtu(line.b, "press-1", 1, poll="100ms", tags=TAGS[:2]),
+               rtu(line.b, "press-2", 2, poll="100ms", tags=TAGS[:2])]  # fmt: skip
+    sink = Sink()
+    states, tasks = await _pollers(devices, sink, lambda: Backoff(initial=0.1, cap=0.5))
+    try:
+        await eventually(lambda: all(s.reads >= 2 for s in states.values()), timeout=10, what="both read")
+        line.stop()  # the adapter unplugged: the port disappears
+        await eventually(lambda: all(sink.states(n)[-1] == "down" for n in states), timeout=10, what="down")
+        errors = {n: s.read_errors for n, s in states.items()}
+        await eventually(lambda: all(s.read_errors >= errors[n] + 2 for n, s in states.items()),
+                         timeout=10, what="retries while the port is gone")  # fmt: skip
+        assert all(not s.up for s in states.values())
+        line.start()  # plugged in again, same path
+        marks = {n: len(sink.of(n)) for n in states}
+        await eventually(
+            lambda: all(len(sink.of(n)) > marks[n] for n in states), timeout=20, what="values again"
+        )
+    finally:
+        await cancel(tasks)
+    for name in states:
+        assert sink.states(name) == ["up", "Good", "Bad", "down", "up", "Good"], (name, sink.states(name))
+        bad = [r for r in sink.of(name) if r.quality is Quality.BAD]
+        assert len(bad) == 2  # once per tag, however often it retried
+    unreachable = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 2, unreachable  # one line per device, not one per retry
+
+
+async def test_units_behind_one_rtu_over_tcp_server_share_its_one_connection(make_line: MakeLine) -> None:
+    port = free_port()
+    # socat accepts one TCP connection and passes the bytes to the pty: a serial device
+    # server. A second connection would be refused.
+    server = make_line(tcp_port=port)
+    async with SerialSimulator(server.a, units=(1, 2), seed=3, parity="N") as sim:
+        sim.press(2).speed_setpoint = 55
+        tcp = {"host": "127.0.0.1", "port": port, "framer": "rtu", "timeout": "300ms", "tags": TAGS[3:6]}
+        one, two = collectors(
+            ModbusDevice.model_validate({"name": "drive-1", "protocol": "modbus", "unit": 1, **tcp}),
+            ModbusDevice.model_validate({"name": "drive-2", "protocol": "modbus", "unit": 2, **tcp}),
+        )
+        await one.connect()
+        await two.connect()
+        try:
+            for _ in range(5):
+                first, second = map(by_tag, await read_all(one, two))
+                assert (first["speed_setpoint"].value, second["speed_setpoint"].value) == (30, 55)
+        finally:
+            await one.close()
+            await two.close()
+
+
+async def test_units_behind_one_modbus_tcp_gateway_share_one_connection() -> None:
+    async with ModbusSimulator(port=0, units=(1, 2), seed=5) as sim:
+        sim.press(2).speed_setpoint = 44
+        tcp = {"host": "127.0.0.1", "port": sim.port, "timeout": "300ms", "tags": TAGS[3:6]}
+        one, two = collectors(
+            ModbusDevice.model_validate({"name": "plc-1", "protocol": "modbus", "unit": 1, **tcp}),
+            ModbusDevice.model_validate({"name": "plc-2", "protocol": "modbus", "unit": 2, **tcp}),
+        )
+        await one.connect()
+        await two.connect()
+        try:
+            first, second = map(by_tag, await read_all(one, two))
+            assert (first["speed_setpoint"].value, second["speed_setpoint"].value) == (30, 44)
+            assert sim.connections == 1
+            await one.close()  # one device letting go keeps the connection for the other
+            assert sim.connections == 1
+            assert by_tag(await two.read())["speed_setpoint"].value == 44
+        finally:
+            await one.close()
+            await two.close()
+        await eventually(lambda: sim.connections == 0, what="the last one out closes it")
+
+
+async def test_busy_is_asked_again_before_it_is_bad(line: VirtualLine, sim: SerialSimulator) -> None:
+    tags = [TAGS[3]]  # speed_setpoint: one request
+    (patient,) = collectors(rtu(line.b, busy_retries=3, busy_wait="20ms", tags=tags))
+    await patient.connect()
+    try:
+        sim.faults.busy = 2
+        (reading,) = await patient.read()
+        assert (reading.quality, reading.value) == (Quality.GOOD, 30)
+        assert sim.faults.busy == 0
+        sim.faults.busy = 10
+        (reading,) = await patient.read()
+        assert (reading.quality, reading.status) == (Quality.BAD, Status.BAD_COMMUNICATION_ERROR)
+        assert sim.faults.busy == 10 - 4  # the request and three more tries
+    finally:
+        await patient.close()
+        sim.faults.clear()
+
+
+# --- a unit driven by hand: what a real line can deliver ---------------------------------
+
+SPEED = [{"name": "speed", "table": "holding", "address": 5}]
+REQUEST = bytes([1, 3, 0, 5, 0, 1])  # unit 1, read holding 5, one register
+
+
+def frame(*body: int) -> bytes:
+    data = bytes(body)
+    return data + crc16(data)
+
+
+def answer(value: int, unit: int = 1) -> bytes:
+    return frame(unit, 3, 2, value >> 8, value & 0xFF)
+
+
+class HandUnit:
+    """The unit end of a line, answering each request with the next of `replies`: a list of
+    writes, each (bytes, then a pause in seconds)."""
+
+    def __init__(self, port: str) -> None:
+        self.port = serial.Serial(port, 19200, timeout=0)
+        self.replies: list[list[tuple[bytes, float]]] = []
+        self.requests: list[bytes] = []
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(self.port.fileno(), readable.set)
+        data = b""
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                data += self.port.read(4096)
+                while len(data) >= 8:
+                    request, data = data[:8], data[8:]
+                    self.requests.append(request)
+                    for chunk, pause in self.replies.pop(0):
+                        self.port.write(chunk)
+                        await asyncio.sleep(pause)
+        finally:
+            loop.remove_reader(self.port.fileno())
+
+    async def close(self) -> None:
+        await cancel([self._task])
+        self.port.close()
+
+
+async def test_noise_half_frames_and_other_units_frames_are_never_taken_for_an_answer(
+    line: VirtualLine,
+) -> None:
+    unit = HandUnit(line.a)
+    (collector,) = collectors(rtu(line.b, tags=SPEED))
+
+    async def read() -> Reading:
+        await collector.connect()
+        (reading,) = await collector.read()
+        return reading
+
+    try:
+        unit.replies = [
+            [(b"\x00\xff\x13\x37" + answer(30), 0)],  # noise on the line, then the answer
+            [(answer(99, unit=2), 0), (answer(31), 0)],  # a late answer of another unit first
+            [(answer(32)[:3], 0.05), (answer(32)[3:], 0)],  # one answer in two pieces
+            [(frame(1, 3, 4, 0, 33, 0, 34), 0)],  # two registers for one: the length is wrong
+            [(frame(1, 0x83, 4), 0)],  # exception 04
+            [(frame(1, 4, 2, 0, 35), 0)],  # another function's answer
+        ]
+        assert (await read()).value == 30
+        assert (await read()).value == 31
+        assert (await read()).value == 32
+        wrong_length = await read()
+        assert (wrong_length.quality, wrong_length.status) == (Quality.BAD, Status.BAD_DECODING_ERROR)
+        exception = await read()
+        assert (exception.quality, exception.status) == (Quality.BAD, Status.BAD_COMMUNICATION_ERROR)
+        other_function = await read()
+        assert (other_function.quality, other_function.status) == (
+            Quality.BAD,
+            Status.BAD_COMMUNICATION_ERROR,
+        )
+        for fault in (answer(36)[:4], answer(37)[:-1] + b"\x00"):  # half a frame; a bad CRC
+            unit.replies.append([(fault, 0)])
+            with pytest.raises(DeviceTimeout):
+                await read()
+            await collector.close()
+            unit.replies.append([(answer(38), 0)])
+            assert (await read()).value == 38  # and the line is usable at once
+        assert all(request[:6] == REQUEST and request[6:] == crc16(REQUEST) for request in unit.requests)
+    finally:
+        await collector.close()
+        await unit.close()
+
+
+async def test_a_port_that_is_not_there_is_named(tmp_path: Any) -> None:
+    (collector,) = collectors(rtu(str(tmp_path / "ttyUSB7")))
+    with pytest.raises(NotConnected, match=r"serial port .*ttyUSB7 does not exist \(adapter unplugged\?\)"):
+        await collector.connect()
+    await collector.close()
