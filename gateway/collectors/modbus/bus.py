@@ -74,6 +74,7 @@ except ImportError:  # not a POSIX system
     PORT_ERRORS = (OSError, ValueError)
 
 RTU_REQUEST = 8  # bytes of a read request on the wire: unit, function, start, count, CRC
+MAX_RTU = 256  # the longest RTU frame
 
 
 class _Answer(ModbusPDU):
@@ -140,8 +141,8 @@ class _RtuFramer(FramerRTU):
 
     RTU frames carry no length and no transaction id: a frame is found by its shape (unit,
     function, byte count) and its CRC. Bytes that are no frame (noise, a half frame after a
-    line fault) are skipped; a frame from another unit (a late answer) is dropped. A frame
-    from the unit asked, with the function asked, that has not all arrived yet is waited for.
+    line fault) are skipped; a frame from another unit (a late answer) is dropped. While no
+    frame from the unit asked is complete, what may be its answer still arriving is kept.
     `heard` is when the last bytes arrived (monotonic), for the silence between frames.
     """
 
@@ -152,7 +153,9 @@ class _RtuFramer(FramerRTU):
 
     def handleFrame(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:
         self.heard = time.monotonic()
-        start, size = 0, len(data)
+        size = len(data)
+        start = 0
+        arriving = None  # where an answer from the unit asked may be arriving
         while start + 4 < size:  # the shortest frame (an exception) is 5 bytes
             unit, function = data[start], data[start + 1]
             length = _rtu_length(function, data[start + 2])
@@ -163,10 +166,13 @@ class _RtuFramer(FramerRTU):
                 log.debug("dropped a frame from unit %d (asked: unit %d)", unit, exp_devid)
                 start = end
                 continue
-            if length and end > size and unit == exp_devid and function & 0x7F == self.function:
-                return start, None  # the answer is still arriving
+            if arriving is None and end > size and unit == exp_devid and function & 0x7F == self.function:
+                arriving = start
             start += 1
-        return start, None
+        # Keep what may still become the answer: from where it may be arriving, but never more
+        # than the longest frame, so that noise cannot fill the buffer.
+        keep = start if arriving is None else max(arriving, size - MAX_RTU)
+        return keep, None
 
 
 def _rtu_length(function: int, third: int) -> int:
