@@ -33,11 +33,14 @@ class ConfigError(GatewayError):
 
 
 class DeviceError(GatewayError):
-    """A device could not be read."""
+    """A device could not be read. `logged`: the cause was logged already, for every device
+    it concerns (a serial line lost, which all its devices share), so that the poller need
+    not log it once more for this one."""
 
-    def __init__(self, device: str, reason: str) -> None:
+    def __init__(self, device: str, reason: str, *, logged: bool = False) -> None:
         self.device = device
         self.reason = reason
+        self.logged = logged
         super().__init__(f"device {device!r}: {reason}")
 
 

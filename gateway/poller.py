@@ -41,11 +41,14 @@ class _Outage:
         self.announced = False  # "connected" logged for the current connection
         self.told_up = False  # the up event went out since the start or the last outage
 
-    def begin(self, reason: str) -> bool:
-        """Mark the device down; True if it was up until now."""
+    def begin(self, reason: str, *, logged: bool = False) -> bool:
+        """Mark the device down; True if it was up until now. `logged`: its cause was logged
+        already (see DeviceError)."""
         if self.since is not None:
             return False
-        log.warning("device %s unreachable: %s", self.device, reason)
+        log.log(
+            logging.DEBUG if logged else logging.WARNING, "device %s unreachable: %s", self.device, reason
+        )
         self.since = time.monotonic()
         self.told_up = False
         return True
@@ -89,7 +92,7 @@ async def poll(
             await _read_forever(collector, every, sink, state=state, backoff=backoff, outage=outage)
         except DeviceError as exc:
             state.failed(exc.reason, time.time())
-            if outage.begin(exc.reason):
+            if outage.begin(exc.reason, logged=exc.logged):
                 timeout = isinstance(exc, DeviceTimeout)
                 status = Status.BAD_TIMEOUT if timeout else Status.BAD_COMMUNICATION_ERROR
                 now = time.time()

@@ -4,6 +4,8 @@ them: noise, half frames, other units' frames, in pieces of any size."""
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 from pymodbus.framer import FramerRTU
@@ -56,7 +58,7 @@ def feed(chunks: list[bytes]) -> tuple[_Answer | None, bytes]:
 
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 @given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=8))

@@ -228,7 +228,9 @@ class Bus:
         self._device = device
         self._line: SerialLine | None = device.serial
         self._client: Client | None = None
+        self.members: set[str] = set()  # the devices on the connection (see ModbusCollector)
         self._users: set[str] = set()
+        self._told_lost = False  # the loss of the connection was logged
         self._opening = asyncio.Lock()
         self._lock = asyncio.Lock()  # one request at a time
         self._quiet = 0.0  # when the last frame on the line ended (monotonic)
@@ -266,7 +268,7 @@ class Bus:
             client = self._client
             # Checked here because pymodbus would otherwise try to reconnect on its own.
             if client is None or not client.connected:
-                raise NotConnected(device.name, f"{self.where} closed the connection")
+                raise self._lost(device.name)
             framer = client.ctx.framer
             if isinstance(framer, _RtuFramer):
                 framer.function = FUNCTIONS[request.table]
@@ -283,7 +285,7 @@ class Bus:
                 # pymodbus reports "the connection went away while we waited" as
                 # ModbusIOException; the transport state tells it from a timeout.
                 if not client.connected:
-                    raise NotConnected(device.name, f"connection lost during {request}") from exc
+                    raise self._lost(device.name, f" during {request}") from exc
                 await self._timed_out(client, device.name)
                 raise DeviceTimeout(
                     device.name, f"no answer to {request} within {device.response_timeout:g} s"
@@ -297,6 +299,21 @@ class Bus:
             await self._drop(client)
             raise NotConnected(device.name, f"{request} was answered with {answer.lost}")
         return answer
+
+    def _lost(self, device: str, when: str = "") -> NotConnected:
+        """The connection went away (a serial adapter unplugged, a TCP peer gone). Where
+        several devices share it, that is logged once for all of them, here."""
+        if self._line is not None:
+            reason = f"serial port {self.where} was lost{when} (adapter unplugged?)"
+        else:
+            reason = f"{self.where} closed the connection{when}"
+        shared = len(self.members) > 1
+        if shared and not self._told_lost:
+            self._told_lost = True
+            log.warning(
+                "%s: devices %s are unreachable until it is back", reason, ", ".join(sorted(self.members))
+            )
+        return NotConnected(device, reason, logged=shared)
 
     def _timeout(self, device: ModbusDevice, request: Request) -> float:
         """The unit's time to answer, plus the time its request and answer take on the wire."""
@@ -336,6 +353,7 @@ class Bus:
             # pymodbus returns False (and logs the cause to its own logger) rather than raising.
             raise NotConnected(device, self._why_not(failure))
         client.ctx.comm_params.timeout_connect = NEVER  # (its response timeout: the bus has its own)
+        self._told_lost = False
         return client
 
     def _why_not(self, failure: Exception | None) -> str:

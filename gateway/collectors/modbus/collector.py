@@ -92,6 +92,7 @@ class ModbusCollector:
         # One request at a time per connection: Modbus TCP devices commonly serve one
         # transaction at a time, and a serial line or a gateway in front of one must.
         self._bus = bus or Bus(device)
+        self._bus.members.add(device.name)
         # Requests currently answered wrongly, and how ("exception 04", "wrong function"),
         # so that a warning is logged when that state begins or changes, and an info line
         # when it ends, not on every poll.
