@@ -7,14 +7,15 @@ import argparse
 import random
 import sys
 
-from bench import scenarios, soak, startup, state
+from bench import rtu, scenarios, soak, startup, state
 from bench.harness import bench, save
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument(
-        "scenario", choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "state", "all"]
+        "scenario",
+        choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "state", "rtu", "all"],
     )
     p.add_argument(
         "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(soak.KINDS),
         help=f"soak: fault kinds, comma-separated, or none (default {','.join(soak.KINDS)})",
     )
+    p.add_argument("--registers", type=int, default=10, help="rtu: holding registers per unit (default 10)")
+    p.add_argument("--baudrate", type=int, default=19200, help="rtu: the line's baud rate (default 19200)")
     p.add_argument("--name", help="add -NAME to the result file name (for a run with other parameters)")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, outbox)")
     args = p.parse_args(argv)
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print("saved", save(f"startup{suffix}", result))
     if args.scenario == "soak":
         return _soak(p, args, suffix)
+    if args.scenario in ("rtu", "all"):
+        with bench(args.keep) as b:
+            result = rtu.rtu(b, units=args.devices, tags=args.registers, baudrate=args.baudrate,
+                             warmup=args.warmup, duration=args.duration)  # fmt: skip
+        print("saved", save(f"rtu{'-' + args.name if args.name else ''}", result))
     if args.scenario == "state":  # in process, a few seconds: not worth a place in `all`
         print("saved", save("state", state.fold(devices=args.devices, tags=args.tags)))
     return 0

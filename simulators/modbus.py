@@ -441,7 +441,8 @@ class SerialSimulator(_Presses):
     a broadcast (unit 0), or a frame with a bad CRC gets no answer. When the port goes away
     (an adapter unplugged, socat stopped) the simulator opens it again once it is back.
     `pace` holds each answer back by the time the request and the answer would take on
-    the wire at `baudrate`: a virtual line passes bytes at once, whatever its settings.
+    the wire at `baudrate`, and the silence before the answer: a virtual line passes bytes
+    at once, whatever its settings.
     """
 
     def __init__(
@@ -460,6 +461,8 @@ class SerialSimulator(_Presses):
         self.port = port
         self.baudrate, self.parity, self.stopbits = baudrate, parity, stopbits
         self.char_time = (1 + 8 + (parity != "N") + stopbits) / baudrate
+        # The silence before a frame: 3.5 characters, fixed above 19200 baud.
+        self.gap = 0.00175 if baudrate > 19200 else 3.5 * self.char_time
         self.pace = pace
         self.requests = 0  # requests answered, for tests and the bench
         self._task: asyncio.Task[None] | None = None
@@ -535,7 +538,7 @@ class SerialSimulator(_Presses):
                         break
                     if (answer := await self._answer(request)) is not None:
                         if self.pace:
-                            await asyncio.sleep((len(request) + len(answer)) * self.char_time)
+                            await asyncio.sleep((len(request) + len(answer)) * self.char_time + self.gap)
                         line.write(answer)
         finally:
             loop.remove_reader(line.fileno())

@@ -27,6 +27,8 @@ from gateway.state import DeviceState
 from simulators.modbus import ModbusSimulator, SerialSimulator, crc16
 from tests.conftest import MakeLine
 from tests.helpers import eventually
+from tests.hostile_modbus import HostileModbus
+from tests.hostile_modbus import Request as HostileRequest
 from tests.integration.test_modbus_collector import TAGS, by_tag
 from tests.integration.test_poller import Sink
 from tests.serial_line import VirtualLine
@@ -366,3 +368,39 @@ async def test_a_port_that_is_not_there_is_named(tmp_path: Any) -> None:
     with pytest.raises(NotConnected, match=r"serial port .*ttyUSB7 does not exist \(adapter unplugged\?\)"):
         await collector.connect()
     await collector.close()
+
+
+async def test_a_late_answer_on_a_shared_tcp_connection_is_not_taken_for_the_next() -> None:
+    late: list[bytes] = []
+
+    def answer(request: HostileRequest) -> bytes | None:
+        if request.unit == 9:  # answers, but only after the gateway gave up on it
+            late.append(server.correct(request))
+            return None
+        frames = [*late, server.correct(request)]
+        late.clear()
+        return b"".join(frames)
+
+    async with HostileModbus(answer) as server:
+        tcp = {
+            "protocol": "modbus",
+            "host": server.host,
+            "port": server.port,
+            "timeout": "200ms",
+            "tags": SPEED,
+        }
+        plc, slow = collectors(
+            ModbusDevice.model_validate({"name": "plc", "unit": 1, **tcp}),
+            ModbusDevice.model_validate({"name": "slow", "unit": 9, **tcp}),
+        )
+        await plc.connect()
+        await slow.connect()
+        try:
+            with pytest.raises(DeviceTimeout):
+                await slow.read()
+            (reading,) = await plc.read()  # its answer comes after the late one, on one connection
+            assert (reading.quality, reading.value) == (Quality.GOOD, server.memory[3][5])
+            assert server.connections == 1
+        finally:
+            await plc.close()
+            await slow.close()

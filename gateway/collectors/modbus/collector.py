@@ -167,8 +167,8 @@ class ModbusCollector:
 
     async def _read(self, request: Request) -> list[Reading]:
         answer = await self._bus.call(self._device, request)
-        busy = self._device.busy_retries
-        while busy and answer.pdu[:2] in _busy(request):
+        busy, exception = self._device.busy_retries, FUNCTIONS[request.table] | 0x80
+        while busy and len(answer.pdu) == 2 and answer.pdu[0] == exception and answer.pdu[1] in BUSY:
             busy -= 1
             log.debug("device %s: %s answered busy; asking again", self.name, request)
             await asyncio.sleep(self._device.busy_wait)
@@ -257,10 +257,3 @@ def _mismatch(answer: _Answer, function: int, size: int) -> tuple[Status, str, s
     # at all: it may even decode (function 4 for 3 gave 9.18e-41), but it is not an
     # answer to this request.
     return Status.BAD_COMMUNICATION_ERROR, "wrong function", f"function code {pdu[0]} (expected {function})"
-
-
-@functools.cache
-def _busy(request: Request) -> tuple[bytes, ...]:
-    """The exception answers to `request` that mean busy, as the first two bytes of a PDU."""
-    function = FUNCTIONS[request.table] | 0x80
-    return tuple(bytes((function, code)) for code in BUSY)
