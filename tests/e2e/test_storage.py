@@ -121,6 +121,9 @@ async def test_a_failing_disk_ends_the_gateway_with_one_line(
     outbox = tmp_path / "outbox.db"
     gateway = run_gateway(config(outbox, simulator, mosquitto))
     wal = Path(f"{outbox}-wal")
+    # Running, not still opening the outbox (which writes the WAL too, and whose errors are
+    # told differently): the error must come from a write while it works.
+    await eventually(lambda: " running: " in gateway.text(), timeout=30, what="the gateway to run")
     await eventually(lambda: wal.exists() and wal.stat().st_size > 0, timeout=30, what="the WAL")
     chattr("+i", wal)
     try:
