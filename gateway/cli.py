@@ -121,14 +121,15 @@ def _simulate_modbus_parser(ssub: Any) -> None:
     modbus = ssub.add_parser(
         "modbus", help="Modbus TCP or RTU stamping press (register map: simulators/MODBUS.md)"
     )
-    modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    modbus.add_argument("--port", type=int, default=5020, help="TCP port (default 5020)")
+    # (None: not given, which --serial needs to know.)
+    modbus.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    modbus.add_argument("--port", type=int, default=None, help="TCP port (default 5020)")
     line = modbus.add_argument_group("Modbus RTU on a serial line (instead of TCP)")
     line.add_argument(
         "--serial", default=None, metavar="PATH",
         help="serve RTU on this serial port, or on one end of a virtual line (socat pty pair)",
     )  # fmt: skip
-    line.add_argument("--baudrate", type=int, default=19200, help="bits per second (default 19200)")
+    line.add_argument("--baudrate", type=_baudrate, default=19200, help="bits per second (default 19200)")
     line.add_argument("--parity", default="E", choices=["N", "E", "O"], help="parity (default E)")
     line.add_argument("--stopbits", type=int, default=1, choices=[1, 2], help="stop bits (default 1)")
     line.add_argument(
@@ -386,6 +387,12 @@ def _decode_lines(decoder: Any, source: Path, name: str, topic: str | None) -> b
     return failed
 
 
+def _baudrate(text: str) -> int:
+    if not text.isdigit() or not 50 <= int(text) <= 4_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bits per second, 50 to 4000000")
+    return int(text)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from simulators.modbus import Faults, serve, serve_serial
 
@@ -397,6 +404,11 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.serial is not None and not all(1 <= u <= 247 for u in units):
         print(f"millwright: --units {args.units!r}: a unit on a serial line is 1-247", file=sys.stderr)
         return EXIT_CONFIG
+    if args.serial is not None and (args.host is not None or args.port is not None):
+        print("millwright: --serial serves a serial line: --host and --port do not apply", file=sys.stderr)
+        return EXIT_CONFIG
+    args.host = "127.0.0.1" if args.host is None else args.host
+    args.port = 5020 if args.port is None else args.port
     try:
         faults = Faults(
             latency=args.latency,

@@ -1,13 +1,13 @@
 """Virtual serial lines for the Modbus RTU tests: socat joins two ptys, as a cable would.
 
-`VirtualLine(folder)` links its two ends at `folder/a` and `folder/b`; `start()` runs socat
+`VirtualLine(folder, name)` links its two ends at `folder/name-a` and `folder/name-b`; `start()` runs socat
 and returns when both ends exist, `stop()` ends it, and the ends disappear, as a USB adapter
 does when it is unplugged. `start()` again makes a new pair at the same paths.
 
-These ptys take no parity bit: the Linux kernel this runs on refuses PARENB on a pty (EINVAL),
-so every virtual line runs with parity N; a real port takes the gateway's E or O as given.
-`VirtualLine.bridge(port)` instead joins a pty to a TCP port, which accepts one connection: a
-serial device server passing RTU frames over TCP.
+These ptys take no parity bit: setting PARENB on a pty here is refused (EINVAL) or dropped, so
+every virtual line runs with parity N, where a real port takes E or O as given.
+`start(tcp_port=P)` instead joins the pty `a` to a TCP listener on P, which accepts one
+connection: a serial device server passing RTU frames over TCP.
 """
 
 from __future__ import annotations

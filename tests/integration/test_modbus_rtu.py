@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -286,12 +287,15 @@ def answer(value: int, unit: int = 1) -> bytes:
 
 class HandUnit:
     """The unit end of a line, answering each request with the next of `replies`: a list of
-    writes, each (bytes, then a pause in seconds)."""
+    writes, each (bytes, then a pause in seconds). `arrived` and `answered` keep when each
+    request was read and when the last write of its reply went out (monotonic)."""
 
     def __init__(self, port: str) -> None:
         self.port = serial.Serial(port, 19200, timeout=0)
         self.replies: list[list[tuple[bytes, float]]] = []
         self.requests: list[bytes] = []
+        self.arrived: list[float] = []
+        self.answered: list[float] = []
         self._task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -307,9 +311,11 @@ class HandUnit:
                 while len(data) >= 8:
                     request, data = data[:8], data[8:]
                     self.requests.append(request)
+                    self.arrived.append(time.monotonic())
                     for chunk, pause in self.replies.pop(0):
                         self.port.write(chunk)
                         await asyncio.sleep(pause)
+                    self.answered.append(time.monotonic())
         finally:
             loop.remove_reader(self.port.fileno())
 
@@ -363,6 +369,49 @@ async def test_noise_half_frames_and_other_units_frames_are_never_taken_for_an_a
         await unit.close()
 
 
+async def test_a_late_answer_of_a_unit_is_not_taken_for_its_next_request(line: VirtualLine) -> None:
+    # Two requests to one unit; the second is answered late. Nothing in an RTU frame says
+    # which request it answers: asked at once again, the unit's late answer would pass for
+    # the answer to the next request.
+    unit = HandUnit(line.a)
+    tags = [{"name": "x", "table": "holding", "address": 5}, {"name": "y", "table": "holding", "address": 60}]
+    (collector,) = collectors(rtu(line.b, timeout="100ms", tags=tags))
+    x, y = answer(11), answer(22)  # the same function and length: only the order tells them apart
+    try:
+        unit.replies = [[(x, 0)], [(b"", 0.3), (y, 0)], [(x, 0)], [(y, 0)]]  # y comes 0.3 s late
+        await collector.connect()
+        with pytest.raises(DeviceTimeout):
+            await collector.read()
+        await collector.close()
+        await collector.connect()  # at once, as a poller with no backoff would
+        values = {r.tag: (r.quality, r.value) for r in await collector.read()}
+        assert values == {"x": (Quality.GOOD, 11), "y": (Quality.GOOD, 22)}
+        assert len(unit.requests) == 4  # nothing asked while the late answer could still come
+    finally:
+        await collector.close()
+        await unit.close()
+
+
+async def test_a_unit_that_needs_a_longer_silence_gets_it(line: VirtualLine) -> None:
+    unit = HandUnit(line.a)
+    (collector,) = collectors(rtu(line.b, frame_gap="150ms", tags=SPEED))
+    try:
+        unit.replies = [[(answer(n), 0)] for n in range(4)]
+        await collector.connect()
+        for n in range(4):
+            (reading,) = await collector.read()
+            assert reading.value == n
+        # From the end of each answer to the next request: at least the unit's frame gap.
+        silences = [
+            arrived - answered for answered, arrived in zip(unit.answered, unit.arrived[1:], strict=False)
+        ]
+        assert len(silences) == 3
+        assert all(silence >= 0.15 for silence in silences), silences
+    finally:
+        await collector.close()
+        await unit.close()
+
+
 async def test_a_port_that_is_not_there_is_named(tmp_path: Any) -> None:
     (collector,) = collectors(rtu(str(tmp_path / "ttyUSB7")))
     with pytest.raises(NotConnected, match=r"serial port .*ttyUSB7 does not exist \(adapter unplugged\?\)"):
@@ -401,6 +450,45 @@ async def test_a_late_answer_on_a_shared_tcp_connection_is_not_taken_for_the_nex
             (reading,) = await plc.read()  # its answer comes after the late one, on one connection
             assert (reading.quality, reading.value) == (Quality.GOOD, server.memory[3][5])
             assert server.connections == 1
+        finally:
+            await plc.close()
+            await slow.close()
+
+
+async def test_the_rest_of_a_late_answer_cut_off_by_the_next_request_is_skipped() -> None:
+    # The first half of the late answer came before the next request was sent, and pymodbus
+    # empties its buffer when it sends: what is left of it is no MBAP frame at all.
+    rest: list[bytes] = []
+
+    def answer(request: HostileRequest) -> bytes | None:
+        if request.unit == 9:
+            whole = server.correct(request)
+            rest.append(whole[5:])
+            return whole[:5]
+        frames = [*rest, server.correct(request)]
+        rest.clear()
+        return b"".join(frames)
+
+    async with HostileModbus(answer) as server:
+        tcp = {
+            "protocol": "modbus",
+            "host": server.host,
+            "port": server.port,
+            "timeout": "200ms",
+            "tags": SPEED,
+        }
+        plc, slow = collectors(
+            ModbusDevice.model_validate({"name": "plc", "unit": 1, **tcp}),
+            ModbusDevice.model_validate({"name": "slow", "unit": 9, **tcp}),
+        )
+        await plc.connect()
+        await slow.connect()
+        try:
+            with pytest.raises(DeviceTimeout):
+                await slow.read()
+            (reading,) = await plc.read()
+            assert (reading.quality, reading.value) == (Quality.GOOD, server.memory[3][5])
+            assert server.connections == 1  # nobody's connection was given up
         finally:
             await plc.close()
             await slow.close()

@@ -65,7 +65,7 @@ def test_rtu_over_tcp_and_modbus_tcp_timeouts() -> None:
         {"name": "plc", "host": "10.20.1.41"},
         {"name": "slow", "host": "10.20.1.42", "timeout": "2s"},
     )
-    assert (server.rtu, server.response_timeout, server.link) == (True, 0.3, ("tcp", "10.20.1.40", "4001"))
+    assert (server.rtu, server.response_timeout, server.link) == (True, 1.0, ("tcp", "10.20.1.40", "4001"))
     assert (tcp.rtu, tcp.response_timeout) == (False, 1.0)
     assert slow.response_timeout == 2.0
 
@@ -84,6 +84,7 @@ def test_rtu_over_tcp_and_modbus_tcp_timeouts() -> None:
         ({"serial": {**USB0, "baudrate": "fast"}}, "devices[0].serial.baudrate"),
         ({"serial": {**USB0, "stopbits": 3}}, "devices[0].serial.stopbits"),
         ({"host": "h", "busy_retries": -1}, "devices[0].busy_retries"),
+        ({"host": "h", "frame_gap": "5ms"}, "devices[0].frame_gap: applies to RTU only"),
     ],
 )  # fmt: skip
 def test_a_device_reaches_its_unit_one_way(device: dict[str, Any], problem: str) -> None:
@@ -133,3 +134,15 @@ def test_the_schema_describes_the_serial_line() -> None:
     line = schema["$defs"]["SerialLine"]["properties"]
     assert set(line) == {"port", "baudrate", "parity", "stopbits", "bytesize"}
     assert line["parity"]["default"] == "E"
+
+
+def test_a_port_and_a_link_to_it_are_one_line(tmp_path: Any) -> None:
+    port = tmp_path / "ttyUSB0"
+    port.touch()
+    by_id = tmp_path / "usb-FTDI_FT232R-if00-port0"
+    by_id.symlink_to(port)
+    (message,) = _problems(
+        {"name": "a", "serial": {"port": str(by_id), "baudrate": 9600}},
+        {"name": "b", "serial": {"port": str(port), "baudrate": 19200}},
+    )
+    assert message.startswith(f"devices[1].serial.baudrate: 'b' and 'a' share {port} but not its baudrate")

@@ -20,22 +20,25 @@ connection after a few unanswered requests, whichever unit they were for). Respo
 framed here, never by pymodbus (see `_Framer` and `_RtuFramer`, and the collector for why),
 and every frame becomes an `_Answer` for the collector to compare with its request.
 
-A late answer is never taken for another request's. On Modbus TCP each request has its
-own transaction id: an answer with the id of a request that timed out is dropped. An RTU
-frame has no transaction id at all (pymodbus gives it 0; pymodbus issue 2636), so an
-answer is taken only from the unit asked, with the function asked; a late answer from any
-other unit is dropped. A unit that timed out is asked again only after its backoff.
+A late answer is not taken for another request's. On Modbus TCP each request has its own
+transaction id: an answer with the id of a request that timed out is dropped (and so is a
+part of one cut off when pymodbus empties its buffer for the next request). An RTU frame has
+no transaction id at all (pymodbus gives it 0; pymodbus issue 2636), so an answer is taken
+only from the unit asked, with the function asked, and a unit that timed out is not asked
+again for a while (`LATE`): its late answer, if it comes, comes to a line that is not
+waiting for that unit and is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
@@ -72,6 +75,11 @@ try:
     PORT_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, termios.error)
 except ImportError:  # not a POSIX system
     PORT_ERRORS = (OSError, ValueError)
+
+# After an RTU unit did not answer in time, it is not asked again for at least this long, nor
+# for less than LATE_TIMEOUTS of its timeouts.
+LATE = 1.0
+LATE_TIMEOUTS = 3
 
 RTU_REQUEST = 8  # bytes of a read request on the wire: unit, function, start, count, CRC
 MAX_RTU = 256  # the longest RTU frame
@@ -119,6 +127,15 @@ class _Framer(FramerSocket):
         used = 0
         while len(data) - used >= MBAP.size:
             tid, protocol, length, unit = MBAP.unpack_from(data, used)
+            if (protocol != 0 or not 2 <= length <= MAX_LENGTH) and self.stale:
+                # Likely the rest of a late answer whose beginning pymodbus discarded when
+                # it sent this request: look for this request's answer behind it.
+                at = data.find(struct.pack(">HH", exp_tid, 0), used + 1)
+                if at >= 0:
+                    used = at
+                    continue
+                if len(data) - used <= MAX_LENGTH + MBAP.size:
+                    return used, None  # (its answer may not have come yet)
             if protocol != 0 or not 2 <= length <= MAX_LENGTH:
                 # Not Modbus TCP. Nothing tells where a next frame would begin, so everything
                 # received is dropped, and the collector gives the connection up.
@@ -193,8 +210,8 @@ def _crc_ok(frame: bytes) -> bool:
 def _client(device: ModbusDevice) -> Client:
     """A pymodbus client for `device`'s connection, framing its responses with our framers."""
     client: Client
-    # `timeout` is for connecting; `Bus._connect` moves it out of the way then. (pyserial
-    # cannot take a day: it sets a terminal's read timeout from it, in tenths up to 25.5 s.)
+    # pymodbus takes `timeout` for connecting and for every answer; `Bus._connect` moves it
+    # out of the way once connected (the bus times each request itself).
     common = {"name": device.where(), "timeout": max(device.response_timeout, TCP_TIMEOUT), "retries": 0,
               "reconnect_delay": 0}  # fmt: skip
     if (line := device.serial) is not None:
@@ -234,11 +251,7 @@ class Bus:
         self._opening = asyncio.Lock()
         self._lock = asyncio.Lock()  # one request at a time
         self._quiet = 0.0  # when the last frame on the line ended (monotonic)
-
-    @property
-    def users(self) -> frozenset[str]:
-        """The devices holding the connection."""
-        return frozenset(self._users)
+        self._late: dict[int, float] = {}  # RTU: unit -> not to be asked before (monotonic)
 
     async def open(self, device: str) -> None:
         """Hold the connection for `device`, opening it if it is not open. Raises NotConnected."""
@@ -264,7 +277,13 @@ class Bus:
         Raises NotConnected when the connection is gone (or the stream is out of step:
         then it is closed) and DeviceTimeout when the unit did not answer in time.
         """
+        if (wait := self._late.get(device.unit, 0.0) - time.monotonic()) > 0:
+            await asyncio.sleep(wait)  # (without the line: the other units go on meanwhile)
         async with self._lock:
+            if device.rtu:
+                gap = max(self._line.frame_gap if self._line is not None else 0.0, device.frame_gap or 0.0)
+                if (wait := max(self._quiet, self._heard()) + gap - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
             client = self._client
             # Checked here because pymodbus would otherwise try to reconnect on its own.
             if client is None or not client.connected:
@@ -272,24 +291,19 @@ class Bus:
             framer = client.ctx.framer
             if isinstance(framer, _RtuFramer):
                 framer.function = FUNCTIONS[request.table]
-                self._quiet = max(self._quiet, framer.heard)
-            gap = max(self._line.frame_gap if self._line is not None else 0.0, device.frame_gap or 0.0)
-            if (wait := self._quiet + gap - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
+            timeout = self._timeout(device, request)
             try:
-                async with asyncio.timeout(self._timeout(device, request)):
+                async with asyncio.timeout(timeout):
                     answer = await _call(client, request, device.unit)
-            except ConnectionException as exc:
-                raise NotConnected(device.name, str(exc)) from exc
-            except (TimeoutError, ModbusIOException) as exc:
+            except (TimeoutError, ModbusIOException, ConnectionException) as exc:
                 # pymodbus reports "the connection went away while we waited" as
                 # ModbusIOException; the transport state tells it from a timeout.
                 if not client.connected:
                     raise self._lost(device.name, f" during {request}") from exc
-                await self._timed_out(client, device.name)
-                raise DeviceTimeout(
-                    device.name, f"no answer to {request} within {device.response_timeout:g} s"
-                ) from exc
+                if isinstance(exc, ConnectionException):
+                    raise NotConnected(device.name, str(exc)) from exc
+                await self._timed_out(client, device)
+                raise DeviceTimeout(device.name, f"no answer to {request} within {timeout:.3g} s") from exc
             finally:
                 self._quiet = time.monotonic()
         if not isinstance(answer, _Answer):  # only our framers make the responses of our clients
@@ -323,15 +337,23 @@ class Bus:
         answer = 5 + ((request.count + 7) // 8 if bits else 2 * request.count)
         return device.response_timeout + (RTU_REQUEST + answer) * self._line.char_time
 
-    async def _timed_out(self, client: Client, device: str) -> None:
+    def _heard(self) -> float:
+        """When bytes last arrived on an RTU connection (0 on another)."""
+        framer = self._client.ctx.framer if self._client is not None else None
+        return framer.heard if isinstance(framer, _RtuFramer) else 0.0
+
+    async def _timed_out(self, client: Client, device: ModbusDevice) -> None:
         """After a request of `device` went unanswered: its answer may still come."""
-        if self._users <= {device}:
+        framer = client.ctx.framer
+        if isinstance(framer, _RtuFramer):
+            # Nothing in an RTU answer tells which request of the unit it answers: ask the
+            # unit nothing until a late answer has come and gone (dropped: see _RtuFramer).
+            self._late[device.unit] = time.monotonic() + max(LATE, LATE_TIMEOUTS * device.response_timeout)
+        if self._users <= {device.name}:
             # Nobody else is on the connection: closing it is the surest way that a late
             # answer cannot be taken for the next request's.
             await self._drop(client)
-            return
-        framer = client.ctx.framer
-        if isinstance(framer, _Framer):  # (an RTU answer is taken from the unit asked only)
+        elif isinstance(framer, _Framer):
             framer.stale.append(client.ctx.request_transaction_id)
 
     async def _drop(self, client: Client) -> None:
@@ -341,13 +363,26 @@ class Bus:
 
     async def _connect(self, device: str) -> Client:
         client = _client(self._device)
-        failure: Exception | None = None
+        failures: list[Exception] = []
+        create = client.ctx.call_create
+
+        async def create_and_keep_the_failure() -> Any:
+            # pymodbus logs why a connection failed to its own logger and returns False; the
+            # reason (no such port, permission, busy) belongs in the device's error.
+            try:
+                return await create()
+            except Exception as exc:
+                failures.append(exc)
+                raise
+
+        client.ctx.call_create = create_and_keep_the_failure
         try:
             connected = await client.connect()
-        except PORT_ERRORS as exc:
+        except PORT_ERRORS:
             # (pymodbus catches OSError only; pyserial raises termios.error for settings the
-            # port refuses, such as a parity bit on a Linux pty.)
-            connected, failure = False, exc
+            # port refuses.)
+            connected = False
+        failure = failures[-1] if failures else None
         if not connected:
             client.close()
             # pymodbus returns False (and logs the cause to its own logger) rather than raising.
@@ -360,13 +395,20 @@ class Bus:
         if self._line is None:
             return f"cannot connect to {self.where}"
         port = self._line.port
+        errno_ = getattr(failure, "errno", None)
         if not os.path.exists(port):
             return f"serial port {port} does not exist (adapter unplugged?)"
-        if not os.access(port, os.R_OK | os.W_OK):
-            return f"no permission to open serial port {port} (is the gateway's user in the dialout group?)"
-        if failure is not None:
+        if errno_ in (errno.EACCES, errno.EPERM) or not os.access(port, os.R_OK | os.W_OK):
+            return (
+                f"no permission to open serial port {port} (is the gateway's user in the dialout group, "
+                "and the port one the service may open?)"
+            )
+        if errno_ == errno.EBUSY or "exclusively lock" in str(failure):
+            return f"serial port {port} is in use by another program"
+        if (failure is not None and not isinstance(failure, OSError)) or errno_ == errno.EINVAL:
+            # (termios.error, or pyserial's ValueError: settings the port does not take)
             return f"serial port {port} refuses {self._line}: {failure}"
-        return f"cannot open serial port {port} (in use by another program?)"
+        return f"cannot open serial port {port}: {failure or 'unknown error'}"
 
 
 async def _call(client: Client, request: Request, unit: int) -> ModbusPDU:

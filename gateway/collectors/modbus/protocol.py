@@ -15,7 +15,12 @@ def _collectors(devices: Sequence[ModbusDevice], pki_dir: Path) -> list[Collecto
     from gateway.collectors.modbus.collector import ModbusCollector
 
     buses: dict[tuple[str, ...], Bus] = {}
-    return [ModbusCollector(d, buses.setdefault(d.link, Bus(d))) for d in devices]
+    collectors: list[Collector] = []
+    for device in devices:
+        if (bus := buses.get(device.link)) is None:
+            bus = buses[device.link] = Bus(device)
+        collectors.append(ModbusCollector(device, bus))
+    return collectors
 
 
 def _metric_types(device: ModbusDevice) -> list[MetricType]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Annotated, Literal, Self
 
@@ -118,6 +119,8 @@ FAST_FRAME_GAP = 0.00175
 # Time a unit may take to begin its answer, unless the device says (`timeout`): a Modbus TCP
 # device may sit behind a network; a unit on a serial line answers within a few tens of
 # milliseconds or not at all, and while it is silent no other unit on the line can be read.
+# Behind a serial device server (RTU over TCP) come the network and the remote line, whose
+# speed the gateway does not know: a 125-register answer takes 0.3 s at 9600 baud.
 TCP_TIMEOUT = 1.0
 SERIAL_TIMEOUT = 0.3
 
@@ -178,7 +181,7 @@ class ModbusDevice(Model):
     timeout: Duration | None = Field(
         default=None,
         description="Time the unit may take to begin its answer (on a serial line the time the frames "
-        "take on the wire comes on top). Default: 1s for Modbus TCP, 300ms for RTU.",
+        "take on the wire comes on top). Default: 300ms on a serial line, else 1s.",
     )
     frame_gap: Duration | None = Field(
         default=None,
@@ -221,13 +224,16 @@ class ModbusDevice(Model):
 
     @property
     def response_timeout(self) -> float:
-        return self.timeout if self.timeout is not None else SERIAL_TIMEOUT if self.rtu else TCP_TIMEOUT
+        if self.timeout is not None:
+            return self.timeout
+        return SERIAL_TIMEOUT if self.serial is not None else TCP_TIMEOUT
 
     @property
     def link(self) -> tuple[str, ...]:
         """The physical connection: devices with the same link share one (a `Bus`)."""
         if self.serial is not None:
-            return ("serial", self.serial.port)
+            # (A /dev/serial/by-id/ link and the ttyUSB0 it points at are one port.)
+            return ("serial", os.path.realpath(self.serial.port))
         assert self.host is not None  # (_one_connection)
         return ("tcp", self.host.lower(), str(self.port))
 
@@ -249,6 +255,8 @@ class ModbusDevice(Model):
                 ("host",),
                 "required key is missing: give host (Modbus TCP, or RTU over TCP) or serial (an RTU line)",
             )
+        if self.frame_gap is not None and not self.rtu:
+            raise ProblemAt(("frame_gap",), "applies to RTU only (a serial line, or framer: rtu)")
         if self.rtu and not 1 <= self.unit <= 247:
             # 0 is the broadcast address, which no unit answers; 248-255 are reserved.
             raise ProblemAt(("unit",), f"{self.unit} is not a unit id of RTU: 1-247")
