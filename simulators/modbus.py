@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from simulators.signals import Press
 
@@ -263,6 +263,21 @@ class _Presses:
         press.advance(time.monotonic())
         return press
 
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
     def _start_clocks(self) -> None:
         now = time.monotonic()
         for press in self._presses.values():
@@ -328,15 +343,6 @@ class ModbusSimulator(_Presses):
             await asyncio.wait(self._tasks)
         await self._server.wait_closed()
         self._server = None
-
-    async def __aenter__(self) -> ModbusSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def connections(self) -> int:
@@ -482,15 +488,6 @@ class SerialSimulator(_Presses):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-
-    async def __aenter__(self) -> SerialSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _serve(self) -> None:
         import serial  # pyserial (a dependency of the gateway's serial lines)

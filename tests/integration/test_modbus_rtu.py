@@ -419,57 +419,14 @@ async def test_a_port_that_is_not_there_is_named(tmp_path: Any) -> None:
     await collector.close()
 
 
-async def test_a_late_answer_on_a_shared_tcp_connection_is_not_taken_for_the_next() -> None:
-    late: list[bytes] = []
-
-    def answer(request: HostileRequest) -> bytes | None:
-        if request.unit == 9:  # answers, but only after the gateway gave up on it
-            late.append(server.correct(request))
-            return None
-        frames = [*late, server.correct(request)]
-        late.clear()
-        return b"".join(frames)
-
-    async with HostileModbus(answer) as server:
-        tcp = {
-            "protocol": "modbus",
-            "host": server.host,
-            "port": server.port,
-            "timeout": "200ms",
-            "tags": SPEED,
-        }
-        plc, slow = collectors(
-            ModbusDevice.model_validate({"name": "plc", "unit": 1, **tcp}),
-            ModbusDevice.model_validate({"name": "slow", "unit": 9, **tcp}),
-        )
-        await plc.connect()
-        await slow.connect()
-        try:
-            with pytest.raises(DeviceTimeout):
-                await slow.read()
-            (reading,) = await plc.read()  # its answer comes after the late one, on one connection
-            assert (reading.quality, reading.value) == (Quality.GOOD, server.memory[3][5])
-            assert server.connections == 1
-        finally:
-            await plc.close()
-            await slow.close()
+LateAnswer = Callable[[HostileModbus, HostileRequest], bytes | None]
 
 
-async def test_the_rest_of_a_late_answer_cut_off_by_the_next_request_is_skipped() -> None:
-    # The first half of the late answer came before the next request was sent, and pymodbus
-    # empties its buffer when it sends: what is left of it is no MBAP frame at all.
-    rest: list[bytes] = []
-
-    def answer(request: HostileRequest) -> bytes | None:
-        if request.unit == 9:
-            whole = server.correct(request)
-            rest.append(whole[5:])
-            return whole[:5]
-        frames = [*rest, server.correct(request)]
-        rest.clear()
-        return b"".join(frames)
-
-    async with HostileModbus(answer) as server:
+async def behind_one_tcp_gateway(answer: LateAnswer) -> None:
+    """Units 1 and 9 behind one Modbus TCP gateway, which `answer` plays: unit 9 times out,
+    then unit 1's answer comes through as Good, on the same one connection."""
+    async with HostileModbus() as server:
+        server.answer = lambda request: answer(server, request)
         tcp = {
             "protocol": "modbus",
             "host": server.host,
@@ -492,3 +449,34 @@ async def test_the_rest_of_a_late_answer_cut_off_by_the_next_request_is_skipped(
         finally:
             await plc.close()
             await slow.close()
+
+
+async def test_a_late_answer_on_a_shared_tcp_connection_is_not_taken_for_the_next() -> None:
+    late: list[bytes] = []
+
+    def answer(server: HostileModbus, request: HostileRequest) -> bytes | None:
+        if request.unit == 9:  # answers, but only after the gateway gave up on it
+            late.append(server.correct(request))
+            return None
+        frames = [*late, server.correct(request)]  # the late answer first, then unit 1's
+        late.clear()
+        return b"".join(frames)
+
+    await behind_one_tcp_gateway(answer)
+
+
+async def test_the_rest_of_a_late_answer_cut_off_by_the_next_request_is_skipped() -> None:
+    # The first half of the late answer came before the next request was sent, and pymodbus
+    # empties its buffer when it sends: what is left of it is no MBAP frame at all.
+    rest: list[bytes] = []
+
+    def answer(server: HostileModbus, request: HostileRequest) -> bytes | None:
+        if request.unit == 9:
+            whole = server.correct(request)
+            rest.append(whole[5:])
+            return whole[:5]
+        frames = [*rest, server.correct(request)]
+        rest.clear()
+        return b"".join(frames)
+
+    await behind_one_tcp_gateway(answer)
