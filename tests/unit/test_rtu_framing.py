@@ -1,4 +1,4 @@
-"""RTU framing, from both ends of a line: what the gateway takes for an answer (`_RtuFramer`)
+"""RTU framing, from both ends of a line: what the gateway takes for an answer (`RtuFramer`)
 and what the simulator takes for a request (`next_request`), fed bytes as a line delivers
 them: noise, half frames, other units' frames, in pieces of any size."""
 
@@ -11,15 +11,15 @@ from hypothesis import strategies as st
 from pymodbus.framer import FramerRTU
 from pymodbus.pdu import DecodePDU
 
-from gateway.collectors.modbus.bus import _Answer, _RtuFramer
+from gateway.collectors.modbus.bus import Answer, RtuFramer
 from simulators.modbus import crc16, next_request
 
 UNIT = 7
 HOLDING = 3
 
 
-def framer() -> _RtuFramer:
-    rtu = _RtuFramer(FramerRTU(DecodePDU(is_server=False)))
+def framer() -> RtuFramer:
+    rtu = RtuFramer(FramerRTU(DecodePDU(is_server=False)))
     rtu.function = HOLDING
     return rtu
 
@@ -40,7 +40,7 @@ exceptions = st.integers(1, 11).map(lambda code: bytes([HOLDING | 0x80, code]))
 pdus = st.one_of(answers, exceptions)
 
 
-def feed(chunks: list[bytes]) -> tuple[_Answer | None, bytes]:
+def feed(chunks: list[bytes]) -> tuple[Answer | None, bytes]:
     """Hand `chunks` to the framer as pymodbus does (what it did not use stays in the
     buffer); the first answer, and the buffer then."""
     rtu, buffer = framer(), b""
@@ -50,7 +50,7 @@ def feed(chunks: list[bytes]) -> tuple[_Answer | None, bytes]:
         assert 0 <= used <= len(buffer)
         buffer = buffer[used:]
         if answer is not None:
-            assert isinstance(answer, _Answer)
+            assert isinstance(answer, Answer)
             return answer, buffer
         assert len(buffer) <= 256 + len(chunk)  # noise never piles up
     return None, buffer

@@ -17,8 +17,8 @@ pymodbus is used for the connection (TCP socket, or the serial port through pyse
 transaction and to encode requests. Its own retries, reconnects and timeouts are switched
 off: the poller owns the schedule, and the bus the timeouts (pymodbus would close a TCP
 connection after a few unanswered requests, whichever unit they were for). Responses are
-framed here, never by pymodbus (see `_Framer` and `_RtuFramer`, and the collector for why),
-and every frame becomes an `_Answer` for the collector to compare with its request.
+framed here, never by pymodbus (see `_Framer` and `RtuFramer`, and the collector for why),
+and every frame becomes an `Answer` for the collector to compare with its request.
 
 A late answer is not taken for another request's. On Modbus TCP each request has its own
 transaction id: an answer with the id of a request that timed out is dropped (and so is a
@@ -85,7 +85,7 @@ RTU_REQUEST = 8  # bytes of a read request on the wire: unit, function, start, c
 MAX_RTU = 256  # the longest RTU frame
 
 
-class _Answer(ModbusPDU):
+class Answer(ModbusPDU):
     """One frame received on our connection, as a framer found it; never raises.
 
     `pdu` is the function code and the data. `tid` and `unit` are the ids the frame carried;
@@ -110,7 +110,7 @@ class _Answer(ModbusPDU):
 
 
 class _Framer(FramerSocket):
-    """MBAP framing for our client: every complete frame becomes an `_Answer`.
+    """MBAP framing for our client: every complete frame becomes an `Answer`.
 
     Replaces pymodbus's own `handleFrame`, which raises out of `data_received` on a frame
     it cannot decode, skips or accepts frames by their ids without saying so, and waits
@@ -140,7 +140,7 @@ class _Framer(FramerSocket):
                 # Not Modbus TCP. Nothing tells where a next frame would begin, so everything
                 # received is dropped, and the collector gives the connection up.
                 lost = f"bytes that are not Modbus TCP (protocol id {protocol}, MBAP length {length})"
-                return len(data), _Answer(exp_devid, exp_tid, lost=lost)
+                return len(data), Answer(exp_devid, exp_tid, lost=lost)
             end = used + MBAP.size - 1 + length
             if len(data) < end:
                 # The rest may come in a later segment; if it never does, the timeout ends the wait.
@@ -149,12 +149,12 @@ class _Framer(FramerSocket):
                 log.debug("dropped a late answer to transaction %d", tid)
                 used = end
                 continue
-            return end, _Answer(exp_devid, exp_tid, data[used + MBAP.size : end], ids=(tid, unit))
+            return end, Answer(exp_devid, exp_tid, data[used + MBAP.size : end], ids=(tid, unit))
         return used, None  # the header is not complete yet
 
 
-class _RtuFramer(FramerRTU):
-    """RTU framing for our client: the first frame from the unit asked becomes an `_Answer`.
+class RtuFramer(FramerRTU):
+    """RTU framing for our client: the first frame from the unit asked becomes an `Answer`.
 
     RTU frames carry no length and no transaction id: a frame is found by its shape (unit,
     function, byte count) and its CRC. Bytes that are no frame (noise, a half frame after a
@@ -179,7 +179,7 @@ class _RtuFramer(FramerRTU):
             end = start + length
             if length and end <= size and _crc_ok(data[start:end]):
                 if unit == exp_devid:
-                    return end, _Answer(exp_devid, exp_tid, data[start + 1 : end - 2], ids=(exp_tid, unit))
+                    return end, Answer(exp_devid, exp_tid, data[start + 1 : end - 2], ids=(exp_tid, unit))
                 log.debug("dropped a frame from unit %d (asked: unit %d)", unit, exp_devid)
                 start = end
                 continue
@@ -224,7 +224,7 @@ def _client(device: ModbusDevice) -> Client:
         framer = FramerType.RTU if device.rtu else FramerType.SOCKET
         client = AsyncModbusTcpClient(device.host, port=device.port, framer=framer, **common)  # type: ignore[arg-type]
     framer_ = client.ctx.framer
-    client.ctx.framer = _RtuFramer(framer_) if isinstance(framer_, FramerRTU) else _Framer(framer_)  # type: ignore[arg-type]
+    client.ctx.framer = RtuFramer(framer_) if isinstance(framer_, FramerRTU) else _Framer(framer_)  # type: ignore[arg-type]
     # pymodbus drops all it received, silently, once its buffer passes a frame's size, so
     # an over-long frame would look like a timeout. Let every read reach the framer, which
     # names the fault or skips the noise; the same check still bounds the buffer.
@@ -271,7 +271,7 @@ class Bus:
             self._client.close()
             self._client = None
 
-    async def call(self, device: ModbusDevice, request: Request) -> _Answer:
+    async def call(self, device: ModbusDevice, request: Request) -> Answer:
         """Send `request` to `device`'s unit and return the first answer framed for it.
 
         Raises NotConnected when the connection is gone (or the stream is out of step:
@@ -289,7 +289,7 @@ class Bus:
             if client is None or not client.connected:
                 raise self._lost(device.name)
             framer = client.ctx.framer
-            if isinstance(framer, _RtuFramer):
+            if isinstance(framer, RtuFramer):
                 framer.function = FUNCTIONS[request.table]
             timeout = self._timeout(device, request)
             try:
@@ -306,7 +306,7 @@ class Bus:
                 raise DeviceTimeout(device.name, f"no answer to {request} within {timeout:.3g} s") from exc
             finally:
                 self._quiet = time.monotonic()
-        if not isinstance(answer, _Answer):  # only our framers make the responses of our clients
+        if not isinstance(answer, Answer):  # only our framers make the responses of our clients
             raise TypeError(f"device {device.name}: unexpected response {answer}")
         if answer.lost:
             # The stream is out of step: whatever follows could be taken for an answer.
@@ -340,14 +340,14 @@ class Bus:
     def _heard(self) -> float:
         """When bytes last arrived on an RTU connection (0 on another)."""
         framer = self._client.ctx.framer if self._client is not None else None
-        return framer.heard if isinstance(framer, _RtuFramer) else 0.0
+        return framer.heard if isinstance(framer, RtuFramer) else 0.0
 
     async def _timed_out(self, client: Client, device: ModbusDevice) -> None:
         """After a request of `device` went unanswered: its answer may still come."""
         framer = client.ctx.framer
-        if isinstance(framer, _RtuFramer):
+        if isinstance(framer, RtuFramer):
             # Nothing in an RTU answer tells which request of the unit it answers: ask the
-            # unit nothing until a late answer has come and gone (dropped: see _RtuFramer).
+            # unit nothing until a late answer has come and gone (dropped: see RtuFramer).
             self._late[device.unit] = time.monotonic() + max(LATE, LATE_TIMEOUTS * device.response_timeout)
         if self._users <= {device.name}:
             # Nobody else is on the connection: closing it is the surest way that a late

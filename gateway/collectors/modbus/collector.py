@@ -17,7 +17,7 @@ takes too much on trust and fails badly on the rest:
   so does a read of more than 264 bytes, which it drops without a word.
 
 So the bus frames with its own framers, which never raise and hand every frame over as an
-`_Answer`, and `_read` compares each answer with its request: function code, byte count,
+`Answer`, and `_read` compares each answer with its request: function code, byte count,
 length, transaction and unit id. An answer that does not match is Bad, never Good.
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.collectors.deadband import Deadband
-from gateway.collectors.modbus.bus import FUNCTIONS, Bus, _Answer
+from gateway.collectors.modbus.bus import FUNCTIONS, Answer, Bus
 from gateway.collectors.modbus.codec import TagCodec
 from gateway.collectors.modbus.planner import Plan, Request
 from gateway.collectors.modbus.settings import BIT_TABLES, ModbusDevice, ModbusTag
@@ -227,7 +227,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _mismatch(answer: _Answer, function: int, size: int) -> tuple[Status, str, str]:
+def _mismatch(answer: Answer, function: int, size: int) -> tuple[Status, str, str]:
     """Why `answer` is not a valid answer to a read of `function` with `size` data bytes.
 
     Returns (status, kind, detail). `kind` stays the same while a device keeps making the
