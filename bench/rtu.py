@@ -101,10 +101,7 @@ class _Count:
 
 async def _measure(devices: list[ModbusDevice], warmup: float, duration: float) -> dict[str, float]:
     sink = _Count()
-    states = {d.name: DeviceState(d.name) for d in devices}
-    tasks = [asyncio.create_task(poll(c, d.poll, sink, state=states[d.name],
-                                      backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)))
-             for d, c in make_collectors(devices, Path())]  # fmt: skip
+    states, tasks = _pollers(devices, sink)
     try:
         await asyncio.sleep(warmup)
         reads, readings, cpu = sum(s.reads for s in states.values()), sink.readings, _cpu()
@@ -120,10 +117,7 @@ async def _measure(devices: list[ModbusDevice], warmup: float, duration: float) 
 
 async def _recovery(b: Bench, ends: tuple[Path, Path], devices: list[ModbusDevice]) -> float:
     """Seconds from plugging the line back in until every unit has read again."""
-    states = {d.name: DeviceState(d.name) for d in devices}
-    tasks = [asyncio.create_task(poll(c, 0.05, _Count(), state=states[d.name],
-                                      backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)))
-             for d, c in make_collectors(devices, Path())]  # fmt: skip
+    states, tasks = _pollers([d.model_copy(update={"poll": 0.05}) for d in devices], _Count())
     try:
         await _until(lambda: all(s.reads for s in states.values()))
         socat = next(p for p in b.procs if p.name == "socat")
@@ -138,6 +132,17 @@ async def _recovery(b: Bench, ends: tuple[Path, Path], devices: list[ModbusDevic
         return round(time.monotonic() - back, 2)
     finally:
         await cancel(tasks)
+
+
+def _pollers(
+    devices: list[ModbusDevice], sink: _Count
+) -> tuple[dict[str, DeviceState], list[asyncio.Task[None]]]:
+    """A poller per device, as the gateway runs them, into `sink`; and the devices' states."""
+    states = {d.name: DeviceState(d.name) for d in devices}
+    tasks = [asyncio.create_task(poll(c, d.poll, sink, state=states[d.name],
+                                      backoff=Backoff(initial=RECONNECT_START, cap=d.reconnect_max)))
+             for d, c in make_collectors(devices, Path())]  # fmt: skip
+    return states, tasks
 
 
 async def _until(condition: Any, within: float = 30.0) -> None:

@@ -9,7 +9,9 @@ import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import serial
@@ -45,9 +47,22 @@ def rtu(port: str, name: str = "press-1", unit: int = 1, **fields: Any) -> Modbu
 
 def collectors(*devices: ModbusDevice) -> list[ModbusCollector]:
     """The gateway's collectors of `devices` (those on one connection share its Bus)."""
-    made = [c for _, c in make_collectors(list(devices), pki_dir=None)]  # type: ignore[arg-type]
+    made = [c for _, c in make_collectors(list(devices), Path())]
     assert all(isinstance(c, ModbusCollector) for c in made)
-    return made  # type: ignore[return-value]
+    return cast(list[ModbusCollector], made)
+
+
+@asynccontextmanager
+async def connected(*devices: ModbusDevice) -> AsyncIterator[list[ModbusCollector]]:
+    """The gateway's collectors of `devices`, connected; closed on the way out."""
+    made = collectors(*devices)
+    try:
+        for collector in made:
+            await collector.connect()
+        yield made
+    finally:
+        for collector in made:
+            await collector.close()
 
 
 @pytest.fixture
@@ -92,12 +107,8 @@ async def test_a_third_party_master_reads_and_writes_the_simulator(
 async def test_every_table_and_type_over_rtu(line: VirtualLine, sim: SerialSimulator) -> None:
     press = sim.press(1)
     press.running = False  # no strokes between the requests: the counters can be compared
-    (collector,) = collectors(rtu(line.b))
-    await collector.connect()
-    try:
+    async with connected(rtu(line.b)) as (collector,):
         r = by_tag(await collector.read())
-    finally:
-        await collector.close()
     assert all(reading.quality is Quality.GOOD for reading in r.values()), r
     assert r["program"].value == "PART-4711"
     assert r["speed_setpoint"].value == 30
@@ -114,19 +125,13 @@ async def test_two_units_share_one_line_one_request_at_a_time(
     line: VirtualLine, sim: SerialSimulator
 ) -> None:
     sim.press(2).speed_setpoint = 77
-    one, two = collectors(rtu(line.b, "press-1", 1), rtu(line.b, "press-2", 2))
-    await one.connect()
-    await two.connect()
-    try:
+    async with connected(rtu(line.b, "press-1", 1), rtu(line.b, "press-2", 2)) as (one, two):
         # Both at once, over and over: without one request at a time their frames would
         # collide on the line, and answers go to the wrong unit or none.
         for _ in range(10):
             first, second = map(by_tag, await read_all(one, two))
             assert (first["speed_setpoint"].value, second["speed_setpoint"].value) == (30, 77)
             assert all(reading.quality is Quality.GOOD for reading in [*first.values(), *second.values()])
-    finally:
-        await one.close()
-        await two.close()
 
 
 async def _pollers(
@@ -214,49 +219,35 @@ async def test_units_behind_one_rtu_over_tcp_server_share_its_one_connection(mak
     async with SerialSimulator(server.a, units=(1, 2), seed=3, parity="N") as sim:
         sim.press(2).speed_setpoint = 55
         tcp = {"host": "127.0.0.1", "port": port, "framer": "rtu", "timeout": "300ms", "tags": TAGS[3:6]}
-        one, two = collectors(
+        async with connected(
             ModbusDevice.model_validate({"name": "drive-1", "protocol": "modbus", "unit": 1, **tcp}),
             ModbusDevice.model_validate({"name": "drive-2", "protocol": "modbus", "unit": 2, **tcp}),
-        )
-        await one.connect()
-        await two.connect()
-        try:
+        ) as (one, two):
             for _ in range(5):
                 first, second = map(by_tag, await read_all(one, two))
                 assert (first["speed_setpoint"].value, second["speed_setpoint"].value) == (30, 55)
-        finally:
-            await one.close()
-            await two.close()
 
 
 async def test_units_behind_one_modbus_tcp_gateway_share_one_connection() -> None:
     async with ModbusSimulator(port=0, units=(1, 2), seed=5) as sim:
         sim.press(2).speed_setpoint = 44
         tcp = {"host": "127.0.0.1", "port": sim.port, "timeout": "300ms", "tags": TAGS[3:6]}
-        one, two = collectors(
+        async with connected(
             ModbusDevice.model_validate({"name": "plc-1", "protocol": "modbus", "unit": 1, **tcp}),
             ModbusDevice.model_validate({"name": "plc-2", "protocol": "modbus", "unit": 2, **tcp}),
-        )
-        await one.connect()
-        await two.connect()
-        try:
+        ) as (one, two):
             first, second = map(by_tag, await read_all(one, two))
             assert (first["speed_setpoint"].value, second["speed_setpoint"].value) == (30, 44)
             assert sim.connections == 1
             await one.close()  # one device letting go keeps the connection for the other
             assert sim.connections == 1
             assert by_tag(await two.read())["speed_setpoint"].value == 44
-        finally:
-            await one.close()
-            await two.close()
         await eventually(lambda: sim.connections == 0, what="the last one out closes it")
 
 
 async def test_busy_is_asked_again_before_it_is_bad(line: VirtualLine, sim: SerialSimulator) -> None:
     tags = [TAGS[3]]  # speed_setpoint: one request
-    (patient,) = collectors(rtu(line.b, busy_retries=3, busy_wait="20ms", tags=tags))
-    await patient.connect()
-    try:
+    async with connected(rtu(line.b, busy_retries=3, busy_wait="20ms", tags=tags)) as (patient,):
         sim.faults.busy = 2
         (reading,) = await patient.read()
         assert (reading.quality, reading.value) == (Quality.GOOD, 30)
@@ -265,9 +256,6 @@ async def test_busy_is_asked_again_before_it_is_bad(line: VirtualLine, sim: Seri
         (reading,) = await patient.read()
         assert (reading.quality, reading.status) == (Quality.BAD, Status.BAD_COMMUNICATION_ERROR)
         assert sim.faults.busy == 10 - 4  # the request and three more tries
-    finally:
-        await patient.close()
-        sim.faults.clear()
 
 
 # --- a unit driven by hand: what a real line can deliver ---------------------------------
@@ -434,21 +422,15 @@ async def behind_one_tcp_gateway(answer: LateAnswer) -> None:
             "timeout": "200ms",
             "tags": SPEED,
         }
-        plc, slow = collectors(
+        async with connected(
             ModbusDevice.model_validate({"name": "plc", "unit": 1, **tcp}),
             ModbusDevice.model_validate({"name": "slow", "unit": 9, **tcp}),
-        )
-        await plc.connect()
-        await slow.connect()
-        try:
+        ) as (plc, slow):
             with pytest.raises(DeviceTimeout):
                 await slow.read()
             (reading,) = await plc.read()
             assert (reading.quality, reading.value) == (Quality.GOOD, server.memory[3][5])
             assert server.connections == 1  # nobody's connection was given up
-        finally:
-            await plc.close()
-            await slow.close()
 
 
 async def test_a_late_answer_on_a_shared_tcp_connection_is_not_taken_for_the_next() -> None:

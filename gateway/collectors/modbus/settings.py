@@ -223,6 +223,11 @@ class ModbusDevice(Model):
         return self.serial is not None or self.framer == "rtu"
 
     @property
+    def framing(self) -> Literal["socket", "rtu"]:
+        """How requests are framed: rtu on a serial line or with framer rtu, else socket."""
+        return "rtu" if self.rtu else "socket"
+
+    @property
     def response_timeout(self) -> float:
         if self.timeout is not None:
             return self.timeout
@@ -279,12 +284,11 @@ def check_links(devices: Sequence[tuple[int, ModbusDevice]]) -> None:
             continue
         _, other = first[link]
         for key in _SHARED[link[0]]:
-            loc: tuple[str, ...] = ("serial", key)
+            loc: tuple[str, ...]
             if link[0] == "serial":
-                mine, theirs = getattr(device.serial, key), getattr(other.serial, key)
+                loc, mine, theirs = ("serial", key), getattr(device.serial, key), getattr(other.serial, key)
             else:
-                loc = (key,)
-                mine, theirs = ("rtu" if device.rtu else "socket"), ("rtu" if other.rtu else "socket")
+                loc, mine, theirs = (key,), device.framing, other.framing
             if mine != theirs:
                 raise ProblemAt(
                     ("devices", index, *loc),
