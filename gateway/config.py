@@ -24,6 +24,8 @@ from gateway.collectors import DeviceSettings
 from gateway.collectors.registry import PROTOCOLS, Device, by_protocol
 from gateway.errors import ConfigError
 from gateway.model import AssetPath
+from gateway.publishers import topics
+from gateway.publishers.azure import read_device_key
 from gateway.publishers.settings import MqttSettings, OutputSettings, SparkplugSettings
 from gateway.settings_types import (
     INT_FROM_ENV,
@@ -129,6 +131,8 @@ class ConfigFile(Model):
             )
         outputs = list(self.resolved_outputs())
         _check_outputs(outputs)
+        for loc, output in outputs:
+            _check_topics(loc, output, self.gateway, self.devices)
         check_unique((d.name for d in self.devices), "device")
         for name, group in by_protocol(self.devices).items():
             PROTOCOLS[name].check_together(group)
@@ -203,6 +207,57 @@ def _check_outputs(outputs: list[tuple[tuple[str | int, ...], OutputSettings]]) 
                 )
 
 
+def _check_topics(
+    loc: tuple[str | int, ...], output: OutputSettings, gateway: GatewaySettings, devices: list[Device]
+) -> None:
+    """Raise ProblemAt for the first topic the output would publish on that its platform
+    does not take (too long, too deep), naming the key that decides it."""
+    p = output.profile
+    if p.topic_bytes is None and p.topic_slashes is None:
+        return
+    for topic, key in _published_topics(output, gateway, devices):
+        problem = topics.limit_problem(topic, p.topic_bytes, p.topic_slashes, p.free_prefix)
+        if problem is not None:
+            fix = "give topic: a shorter template" if key == ("topic",) else "shorten the names in it"
+            raise ProblemAt(
+                (*loc, *key), f"the topic {shown(topic, 100)} {problem}, which {p.title} refuses: {fix}"
+            )
+
+
+def _published_topics(
+    output: OutputSettings, gateway: GatewaySettings, devices: list[Device]
+) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Every topic the output publishes on, with the key that decides it."""
+    g = gateway
+    if output.format == "sparkplug":
+        assert output.sparkplug is not None
+        group, node = output.sparkplug.group_id, output.sparkplug.edge_node_id or g.id
+        yield f"spBv1.0/{group}/NDEATH/{node}", ("sparkplug", "group_id")
+        for d in devices:
+            yield f"spBv1.0/{group}/DBIRTH/{node}/{d.name}", ("sparkplug", "group_id")
+        return
+    if not output.profile.own_topic:
+        return  # the platform's own topic
+    template = output.template
+    if output.profile.status:
+        yield f"{g.enterprise}/{g.site}/_gateway/{g.id}/status", ("gateway", "id")
+    for d in devices:
+        asset = asset_of(g, d)
+        tags = [t.name for t in d.tags] if "tag" in template.fields else []
+        for tag in [*tags, "_meta"] if tags else [""]:
+            yield template.render(asset, g.id, tag), ("topic",)
+        if not tags and output.profile.status:
+            yield f"{template.render(asset, g.id)}/_meta", ("topic",)
+
+
+def asset_of(gateway: GatewaySettings, device: DeviceSettings) -> AssetPath:
+    """The device's ISA-95 path: its own levels where it sets them, the gateway's elsewhere."""
+    g, o = gateway, device.asset
+    return AssetPath(
+        o.enterprise or g.enterprise, o.site or g.site, o.area or g.area, o.line or g.line, device.name
+    )
+
+
 class Settings(Model):
     """The config the gateway runs, as load makes it of a ConfigFile: every output in
     `outputs` (the mqtt: shorthand as the one output named mqtt), with its client id and (a
@@ -219,10 +274,7 @@ class Settings(Model):
         return self.gateway.pki_dir or self.outbox.path.parent / "pki"
 
     def asset(self, device: DeviceSettings) -> AssetPath:
-        g, o = self.gateway, device.asset
-        return AssetPath(
-            o.enterprise or g.enterprise, o.site or g.site, o.area or g.area, o.line or g.line, device.name
-        )
+        return asset_of(self.gateway, device)
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -343,6 +395,9 @@ _FILES = {
 }
 
 
+_DEVICE_KEY = "the file holding the device's key (base64, as the portal shows it)"
+
+
 def _resolve_files(doc: ConfigFile, file: str) -> Settings:
     """Make relative paths relative to the config file (not to wherever the service
     started), and check now that the files each connection will need are there and load: a
@@ -368,13 +423,26 @@ def _resolve_output(
 ) -> OutputSettings:
     """The output with its files relative to `base`, and its TLS files loaded (`where`: its
     key path, for the problems)."""
-    found: dict[str, Path] = {}
+    found: dict[str, Any] = {}
     for key, what in _FILES.items():
         value = getattr(output, key)
         if value is not None:
             found[key] = resolve_file(
                 base, value, f"{where}.{key}", what, problems, secret=key == "password_file"
             )
+    azure = output.azure
+    if azure is not None and azure.device_key_file is not None:
+        key_file = resolve_file(
+            base, azure.device_key_file, f"{where}.azure.device_key_file", _DEVICE_KEY, problems, secret=True
+        )
+        found["azure"] = azure.model_copy(update={"device_key_file": key_file})
+        if key_file.is_file():
+            try:
+                read_device_key(key_file)
+            except (OSError, UnicodeDecodeError):
+                pass  # resolve_file said why
+            except ValueError as exc:
+                problems.append(f"{where}.azure.device_key_file: {shown(key_file)}: {exc}")
     output = output.model_copy(update=found)
     missing = any(p.startswith((f"{where}.ca:", f"{where}.cert:", f"{where}.key:")) for p in problems)
     if output.tls and (output.ca or output.cert) and not missing:

@@ -61,7 +61,8 @@ class BrokerUnavailable(PublishError):
     confirmed. Of the messages of that publish: the first `settled` were confirmed or
     refused (`refused`: topic, reason); `unconfirmed` is the index of the first message the
     broker had and did not confirm (None if none); `blames_message` says the broker ended
-    the connection in a way that may be its answer to that message."""
+    the connection in a way that may be its answer to that message. `refused_at` holds the
+    indices of the refused messages, in the order of `refused`."""
 
     def __init__(
         self,
@@ -69,12 +70,14 @@ class BrokerUnavailable(PublishError):
         *,
         settled: int = 0,
         refused: list[tuple[str, str]] | None = None,
+        refused_at: list[int] | None = None,
         unconfirmed: int | None = None,
         blames_message: bool = False,
     ) -> None:
         super().__init__(message)
         self.settled = settled
         self.refused = refused or []
+        self.refused_at = refused_at or []
         self.unconfirmed = unconfirmed
         self.blames_message = blames_message
 

@@ -153,6 +153,7 @@ Float = Annotated[float, BeforeValidator(_number)]
 # The bound inside, before the validator: given on the field, `ge` would wrap the validator
 # and reach the JSON Schema as "ge" instead of "minimum".
 NonNegativeFloat = Annotated[float, Field(ge=0), BeforeValidator(_number)]
+PositiveFloat = Annotated[float, Field(gt=0), BeforeValidator(_number)]
 
 # What MQTT cannot carry in a UTF-8 string (MQTT 5 1.5.4, 3.1.1 1.5.3): the null character
 # and the other control characters (must not / should not), surrogates (not UTF-8) and the

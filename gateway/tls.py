@@ -35,8 +35,8 @@ def _no_passphrase() -> bytes:
 
 def client_context(settings: MqttSettings, file: str = "mqtt", where: str = "mqtt") -> ssl.SSLContext:
     """The context for an mqtts:// connection: verification on, against `ca` or else the
-    system store; the client certificate and key when given; verification off with
-    `tls_insecure`.
+    system store; the client certificate and key when given; the ALPN protocol the output
+    offers; verification off with `tls_insecure`.
 
     Raises ConfigError(`file`, problems) with one problem per bad file, each naming its key
     (`where`.ca, .cert, .key) and its path, e.g. `outputs[1].ca: /etc/ca.pem: not a PEM certificate`.
@@ -54,6 +54,8 @@ def client_context(settings: MqttSettings, file: str = "mqtt", where: str = "mqt
         problems += _load_pair(ctx, settings.cert, settings.key, where)
     if problems:
         raise ConfigError(file, problems)
+    if (alpn := settings.offered_alpn) is not None:
+        ctx.set_alpn_protocols([alpn])
     if settings.tls_insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

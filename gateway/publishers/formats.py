@@ -48,5 +48,6 @@ def _lazy(module: str) -> Factory:
 
 FORMATS: Mapping[str, Factory] = {
     "uns": _lazy("gateway.publishers.uns"),
+    "batch": _lazy("gateway.publishers.batch"),
     "sparkplug": _lazy("gateway.publishers.sparkplug.node"),
 }

@@ -11,6 +11,10 @@ Decisions, and why:
   them.
 - `publish_many` keeps at most `max_inflight` messages unacknowledged (or fewer, when the
   broker's MQTT 5 Receive Maximum is lower), so paho never holds a message back either.
+- The output's platform rules that apply while running live here: the publish rate
+  (`max_rate`), the largest message (`max_message_bytes`), the least time between two
+  CONNECTs (AWS IoT Core: 1 s), and a password that expires (Azure IoT Hub's SAS token: a
+  `Tokens` source, renewed by connecting again before it expires).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -30,6 +34,7 @@ from gateway import tls
 from gateway.backoff import Backoff
 from gateway.config import MqttSettings
 from gateway.errors import BrokerUnavailable, PublishError
+from gateway.publishers.rate import RateLimit
 from gateway.publishers.session import Message, OnMessage, Session, open_client
 from gateway.state import OutputState
 
@@ -45,6 +50,19 @@ _MISC_INTERVAL = 1.0
 # True while the on_connect hook runs: its messages (births) may go out before the
 # connection is reported ready, everybody else's wait.
 _announcing: ContextVar[bool] = ContextVar("millwright_mqtt_announcing", default=False)
+# Before renewing its password a connection lets the publishes under way finish, this long at
+# most: what is still unconfirmed then is published again on the next connection.
+_DRAIN_TIMEOUT = 10.0
+
+
+class Tokens(Protocol):
+    """A password that expires: a new one for each connection, replaced `renew_after`
+    seconds after it was made (the broker drops the connection when it expires)."""
+
+    renew_after: float
+    what: str  # what it is, for the log: "the SAS token"
+
+    def __call__(self) -> str: ...
 
 
 class MqttConnection:
@@ -67,8 +85,19 @@ class MqttConnection:
         on_connect: Callable[[], Awaitable[None]] | None = None,
         on_message: OnMessage | None = None,
         nodelay: bool = False,
+        tokens: Tokens | None = None,
     ) -> None:
         self._settings = settings
+        self._tokens = tokens
+        self._renew_at: float | None = None  # when the current connection's token is replaced
+        # Publishes in progress, and set whenever there are none (a renewal waits for it).
+        self._publishing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Per connection in the platforms' terms, but kept across connections: a reconnect
+        # must not make room for a burst the platform would still count.
+        self._rate = RateLimit(settings.max_rate) if settings.max_rate is not None else None
+        self._last_attempt: float | None = None
         self._nodelay = nodelay
         self._client_id = client_id if client_id is not None else (settings.client_id or "")
         self._will = will
@@ -121,7 +150,15 @@ class MqttConnection:
         before every confirmation arrived; `PublishError` when the broker refused a message
         (MQTT 5 reason code >= 0x80) or paho rejected it (bad topic).
         """
-        await self._current().publish(messages)
+        session = self._current()
+        self._publishing += 1
+        self._idle.clear()
+        try:
+            await session.publish(messages)
+        finally:
+            self._publishing -= 1
+            if not self._publishing:
+                self._idle.set()
 
     async def subscribe(self, filters: Sequence[tuple[str, int]]) -> None:
         """Subscribe on the current connection (from the on_connect hook, typically)."""
@@ -148,6 +185,7 @@ class MqttConnection:
         backoff = Backoff(initial=0.5, cap=_RECONNECT_CAP)
         try:
             while not self._closing:
+                await self._keep_gap()
                 try:
                     session = await self._establish()
                 except BrokerUnavailable as exc:
@@ -175,6 +213,18 @@ class MqttConnection:
             if self._session is not None:
                 self._session.abort("stopped")
                 self._session = None
+
+    async def _keep_gap(self) -> None:
+        """Wait until the platform's least time between two CONNECTs has passed (AWS IoT
+        Core refuses a client id that connects again within a second)."""
+        gap = self._settings.profile.reconnect_gap
+        if gap and self._last_attempt is not None:
+            wait = self._last_attempt + gap - time.monotonic()
+            if wait > 0:
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._closed.wait()
+        self._last_attempt = time.monotonic()
 
     async def close(self, final: Sequence[Message] = (), *, with_will: bool = False) -> None:
         """Graceful stop: publish `final` (waiting ~2 s for its PUBACKs), then DISCONNECT.
@@ -215,6 +265,8 @@ class MqttConnection:
             self._settings.max_inflight,
             self._on_message,
             nodelay=self._nodelay,
+            max_message=self._settings.max_message_bytes,
+            rate=self._rate,
         )
         self._session = session
         timeout = self._settings.connect_timeout
@@ -266,11 +318,25 @@ class MqttConnection:
         """Drive paho's timers until the connection ends; return why it ended."""
         while not session.lost.done():
             await asyncio.wait([session.lost], timeout=_MISC_INTERVAL)
-            if not session.lost.done():
-                session.client.loop_misc()
+            if session.lost.done():
+                break
+            session.client.loop_misc()
+            if self._renew_at is not None and time.monotonic() >= self._renew_at and self._tokens is not None:
+                await self._renew(self._tokens.what)
         self._ready.clear()
         self._note_down()
         return session.lost.result()
+
+    async def _renew(self, what: str) -> None:
+        """Connect again with a new token before this one expires: no new publish starts,
+        the ones under way get their confirmations, then a clean DISCONNECT (no will)."""
+        self._renew_at = None
+        self._leaving = f"renewing {what}"
+        self._ready.clear()
+        with suppress(TimeoutError):
+            async with asyncio.timeout(_DRAIN_TIMEOUT):
+                await self._idle.wait()
+        await self._leave((), with_will=False)
 
     def _note_down(self) -> None:
         if self.status is not None:
@@ -317,11 +383,7 @@ class MqttConnection:
         # A guard, not a buffer: the window keeps us below it.
         client.max_queued_messages_set(s.max_inflight)
         if s.username is not None:
-            try:
-                password = s.secret()
-            except OSError as exc:
-                raise BrokerUnavailable(f"cannot read password_file: {exc.strerror or exc}") from exc
-            client.username_pw_set(s.username, password)
+            client.username_pw_set(s.username, self._password())
         if self._tls is not None:
             client.tls_set_context(self._tls)
             if s.tls_insecure:
@@ -335,6 +397,20 @@ class MqttConnection:
         if will is not None:
             client.will_set(*will)
         return client
+
+    def _password(self) -> str | None:
+        """This attempt's password: a new token, or the configured one (read again from
+        password_file, so that a changed file needs no restart)."""
+        if self._tokens is not None:
+            self._renew_at = time.monotonic() + self._tokens.renew_after
+            try:
+                return self._tokens()
+            except OSError as exc:
+                raise BrokerUnavailable(f"cannot make {self._tokens.what}: {exc.strerror or exc}") from exc
+        try:
+            return self._settings.secret()
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot read password_file: {exc.strerror or exc}") from exc
 
     def _connect_args(self) -> dict[str, Any]:
         s = self._settings

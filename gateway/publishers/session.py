@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import BrokerUnavailable, MessagesRefused, PublishError
+from gateway.publishers.rate import RateLimit
 from gateway.settings_types import mqtt_text_problem
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,12 @@ class _Tracker:
         the broker (the one a broker that drops us may have choked on)."""
         first = self.settled.find(0)
         settled = len(self.settled) if first < 0 else first
+        refused = [(i, topic, why) for i, topic, why in self.refused if i < settled]
         return BrokerUnavailable(
             f"connection lost: {reason}",
             settled=settled,
-            refused=[(topic, why) for i, topic, why in self.refused if i < settled],
+            refused=[(topic, why) for _, topic, why in refused],
+            refused_at=[i for i, _, _ in refused],
             unconfirmed=settled if settled < self.handed else None,
             blames_message=blames_message,
         )
@@ -100,9 +103,13 @@ class Session:
         on_message: OnMessage | None = None,
         *,
         nodelay: bool = False,
+        max_message: int | None = None,
+        rate: RateLimit | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
+        self.max_message = max_message  # the output's largest message, payload and topic
+        self.rate = rate
         self.on_message = on_message
         self.nodelay = nodelay
         # SUBACKs and UNSUBACKs awaited, by message id.
@@ -320,6 +327,10 @@ class Session:
         """Why the broker cannot take this message (it would drop the connection), or None."""
         if (problem := mqtt_text_problem(topic)) is not None:
             return f"not a valid MQTT topic: it {problem}"
+        if self.max_message is not None and len(payload) + len(topic) > self.max_message:
+            size = len(payload) + len(topic.encode("utf-8"))
+            if size > self.max_message:
+                return f"{size} bytes, more than the output's max_message_bytes ({self.max_message})"
         if self.max_packet is not None:
             # PUBLISH: topic (2 + n), packet id (QoS > 0), properties length (MQTT 5), payload,
             # after the fixed header (1 byte and the remaining length, 1 to 4 bytes).
@@ -362,6 +373,10 @@ class Session:
                 continue
             window = self.window
             await window.acquire()
+            if self.rate is not None:
+                # Waiting for time to pass, not for an event: the limit is a clock's.
+                while (wait := self.rate.delay()) > 0 and not self.lost.done():  # noqa: ASYNC110
+                    await asyncio.sleep(wait)
             if self.lost.done() or tracker.done.is_set():
                 window.release()
                 break

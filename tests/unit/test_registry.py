@@ -94,8 +94,8 @@ def test_every_opcua_builtin_type_maps_to_a_neutral_datatype() -> None:
 def test_the_config_accepts_exactly_the_registered_formats() -> None:
     with pytest.raises(ConfigError) as err:
         config.parse(_config(MODBUS, fmt="csv"), "plant.yaml", env={})
-    assert err.value.problems == ["mqtt.format: Input should be 'uns' or 'sparkplug'"]
-    assert set(FORMATS) == {"uns", "sparkplug"}
+    assert err.value.problems == ["mqtt.format: Input should be 'uns', 'batch' or 'sparkplug'"]
+    assert set(FORMATS) == {"uns", "batch", "sparkplug"}
 
 
 # What a config loads: asyncua only with an OPC UA device, protobuf only with Sparkplug.
