@@ -219,9 +219,8 @@ def _check_topics(
         problem = topics.limit_problem(topic, p.topic_bytes, p.topic_slashes, p.free_prefix)
         if problem is not None:
             fix = "give topic: a shorter template" if key == ("topic",) else "shorten the names in it"
-            raise ProblemAt(
-                (*loc, *key), f"the topic {shown(topic, 100)} {problem}, which {p.title} refuses: {fix}"
-            )
+            where = key if key[0] == "gateway" else (*loc, *key)  # the gateway's keys are its own
+            raise ProblemAt(where, f"the topic {shown(topic, 100)} {problem}, which {p.title} refuses: {fix}")
 
 
 def _published_topics(

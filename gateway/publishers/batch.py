@@ -28,6 +28,7 @@ from gateway.publishers import Published
 from gateway.publishers.mqtt import MqttConnection
 from gateway.publishers.session import Message
 from gateway.publishers.settings import DEFAULT_BATCH_BYTES
+from gateway.publishers.topics import BATCH_TOPIC
 from gateway.publishers.uns import UnsPublisher, _encode, asset_levels, connect_uns, described
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ IOT_HUB_TOPIC = "devices/{device_id}/messages/events/$.ct=application%2Fjson&$.c
 
 class BatchPublisher(UnsPublisher):
     """Publishes each outbox batch as one message per device (or a few, to fit the size)."""
+
+    DEFAULT_TOPIC = BATCH_TOPIC
 
     def __init__(
         self,
@@ -82,14 +85,18 @@ class BatchPublisher(UnsPublisher):
             start = self._tags[tag] = f'{{"tag":{_encode(tag)},'.encode()
         return start + self.payload(entry)[1:]
 
-    def messages(self, batch: Batch) -> tuple[list[Message], list[list[int]]]:
-        """The messages of `batch`, and for each the indices of the entries it carries."""
+    @property
+    def limit(self) -> int:
+        """The largest message, payload and topic: the output's, or less if the broker said so."""
+        largest = self._connection.max_packet
+        return self._limit if largest is None else min(self._limit, largest - _PACKET_OVERHEAD)
+
+    def messages(self, batch: Batch, limit: int) -> tuple[list[Message], list[list[int]]]:
+        """The messages of `batch`, none larger than `limit` bytes (payload and topic) unless
+        one reading alone is, and for each message the indices of the entries it carries."""
         by_device: dict[str, list[int]] = {}
         for i, entry in enumerate(batch.entries):
             by_device.setdefault(entry.reading.device, []).append(i)
-        limit = self._limit
-        if (largest := self._connection.max_packet) is not None:
-            limit = min(limit, largest - _PACKET_OVERHEAD)
         messages: list[Message] = []
         carried: list[list[int]] = []
         entries = batch.entries
@@ -117,7 +124,7 @@ class BatchPublisher(UnsPublisher):
 
     async def publish(self, batch: Batch) -> Published:
         """Publish the batch's messages (QoS 1); return when the broker acknowledged all."""
-        messages, carried = self.messages(batch)
+        messages, carried = self.messages(batch, self.limit)
         try:
             await self._connection.publish_many(messages)
         except MessagesRefused as exc:

@@ -273,13 +273,18 @@ class MqttSettings(Model):
             raise ProblemAt(("alpn",), "alpn applies to mqtts:// only")
         if p.client_certificate and self.cert is None:
             raise ProblemAt(
-                ("cert",), f"{p.title} authenticates the gateway by its X.509 certificate: give cert and key"
+                ("cert",),
+                f"required key is missing: {p.title} authenticates the gateway by its X.509 certificate: "
+                "give cert and key",
             )
         if p.username and self.username is None:
             what = "user name and password" if p.password else "the client's authentication name as user name"
-            raise ProblemAt(("username",), f"{p.title} takes {what}: give username")
+            raise ProblemAt(("username",), f"required key is missing: {p.title} takes {what}")
         if p.password and self.password is None and self.password_file is None:
-            raise ProblemAt(("password",), f"{p.title} takes a user name and password: give password_file")
+            raise ProblemAt(
+                ("password",),
+                f"required key is missing: {p.title} takes a password: give password_file or password",
+            )
         if self.sparkplug is not None and self.sparkplug.primary_host_id is not None and not p.retain:
             raise ProblemAt(
                 ("sparkplug", "primary_host_id"),
@@ -310,12 +315,20 @@ class MqttSettings(Model):
         azure = self.azure
         if azure is None:
             raise ProblemAt(
-                ("azure",), "platform azure-iot-hub needs an azure: section with hub and device_id"
+                ("azure",),
+                "required key is missing: platform azure-iot-hub needs an azure: section with hub and "
+                "device_id",
             )
-        if (azure.device_key_file is None) == (self.cert is None):
+        if azure.device_key_file is None and self.cert is None:
             raise ProblemAt(
                 ("azure", "device_key_file"),
-                "give azure.device_key_file (a SAS key) or cert and key (an X.509 device), one of them",
+                "required key is missing: give azure.device_key_file (a SAS key) or cert and key (an X.509 "
+                "device)",
+            )
+        if azure.device_key_file is not None and self.cert is not None:
+            raise ProblemAt(
+                ("azure", "device_key_file"),
+                "give azure.device_key_file (a SAS key) or cert and key (an X.509 device), not both",
             )
         # The values _platform_defaults set are allowed, and the same written out.
         if self.client_id is not None and self.client_id != azure.device_id:

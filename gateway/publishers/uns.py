@@ -63,6 +63,8 @@ class UnsPublisher:
     retained; `status`: whether they are published at all (see gateway.publishers.platforms).
     """
 
+    DEFAULT_TOPIC = UNS_TOPIC
+
     def __init__(
         self,
         connection: MqttConnection,
@@ -76,7 +78,7 @@ class UnsPublisher:
     ) -> None:
         self._connection = connection
         self._gateway = gateway
-        self._template = template or parse(UNS_TOPIC)
+        self._template = template or parse(self.DEFAULT_TOPIC)
         self._assets = {name: asset for name, (asset, _) in devices.items()}
         # Topics are rendered once per tag, not once per reading: device -> tag -> topic.
         self._topics: dict[str, dict[str, str]] = {}

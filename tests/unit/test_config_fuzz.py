@@ -37,9 +37,15 @@ from hypothesis import strategies as st
 
 from gateway import config, yamlload
 from gateway.errors import ConfigError
+from tests.examples import SHIPPED, example_files
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "config").glob("*.yaml"))}
+# The cloud examples' /etc/millwright/ files are made beside the fuzzed file (see `tmp`).
+FILES = "etc-millwright"
+EXAMPLES = {
+    p.name: p.read_text(encoding="utf-8").replace(SHIPPED, f"./{FILES}/")
+    for p in sorted((ROOT / "config").glob("*.yaml"))
+}
 ENV = {"MQTT_USERNAME": "gateway", "MQTT_PASSWORD": "secret", "OPCUA_PASSWORD": "secret"}
 TWO_OUTPUTS = "two-outputs.yaml"
 # Per example: a loaded machine parses these files in milliseconds; only a hang takes this long.
@@ -145,7 +151,10 @@ def parse(text: str, tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The config files' folder: relative paths in them resolve here (not in the checkout)."""
-    return tmp_path_factory.mktemp("fuzz")
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / FILES).mkdir()
+    example_files(folder / FILES)
+    return folder
 
 
 # -- mutations of the text ------------------------------------------------------------------
