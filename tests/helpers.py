@@ -183,6 +183,7 @@ class Message:
     payload: bytes
     retain: bool
     qos: int
+    at: float = 0.0  # time.monotonic() when the subscriber got it
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -240,7 +241,8 @@ class Subscriber:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._changed:
-            self._messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
+            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, time.monotonic())
+            self._messages.append(message)
             self._changed.notify_all()
 
     @property
