@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["throughput", "opcua", "outage", "scale", "startup", "soak", "state", "rtu", "all"],
     )
     p.add_argument(
-        "--format", choices=["uns", "sparkplug"], default="uns", help="gateway output (default uns)"
+        "--format", choices=["uns", "batch", "sparkplug"], default="uns", help="gateway output (default uns)"
     )
     p.add_argument("--devices", type=int, default=4, help="simulated presses (default 4)")
     p.add_argument("--tags", type=int, default=100, help="tags per press, at most 100 (default 100)")

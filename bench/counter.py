@@ -5,7 +5,7 @@ Subscribes to a topic filter, and for every reading received notes, in buckets o
 - by receive time: how many readings arrived;
 - by the reading's own timestamp: how many, and a histogram of latency (receive time minus
   reading timestamp) in milliseconds;
-and, for UNS, every `seq` (a bitmap), to count gaps and duplicates. On SIGTERM it writes the
+and, for UNS and batch JSON, every `seq` (a bitmap), to count gaps and duplicates. On SIGTERM it writes the
 whole as JSON to the file given and exits.
 
     python -m bench.counter HOST PORT FILTER FORMAT OUT.json
@@ -56,12 +56,13 @@ class Tally:
     def on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         now = time.time()
         self.messages += 1
-        if self.fmt == "uns":
+        if self.fmt in ("uns", "batch"):
             if msg.topic.endswith(("/_meta", "/status")):
                 return
             doc = json.loads(msg.payload)
-            self.reading(now, datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00")).timestamp())
-            self.seq(doc["seq"])
+            for r in doc["readings"] if self.fmt == "batch" else [doc]:
+                self.reading(now, datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp())
+                self.seq(r["seq"])
         else:
             from gateway.publishers.sparkplug.sparkplug_b_pb2 import Payload
 

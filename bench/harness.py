@@ -185,6 +185,8 @@ def modbus_config(
     mqtt: dict[str, Any] = {"url": f"mqtt://127.0.0.1:{broker}"}
     if fmt == "sparkplug":
         mqtt.update(format="sparkplug", sparkplug={"group_id": "bench"})
+    elif fmt == "batch":
+        mqtt.update(format="batch")
     return {
         "gateway": {"id": "bench", "enterprise": "bench", "site": "s", "area": "a", "line": "l"},
         "outbox": {"path": str(outbox)},

@@ -29,7 +29,7 @@ from bench.harness import (
 from gateway.errors import OutboxError
 from gateway.outbox import read_stats
 
-TOPICS = {"uns": "bench/#", "sparkplug": "spBv1.0/bench/#"}
+TOPICS = {"uns": "bench/#", "batch": "bench/#", "sparkplug": "spBv1.0/bench/#"}
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _steady(
         "gateway_peak_rss_mb": round(peak / 2**20, 1),
         "latency_ms": _latency(counts, start, start + duration),
         "outbox_depth_at_end": depth,
-        "seq": counts["seq"] if fmt == "uns" else None,
+        "seq": counts["seq"] if fmt in ("uns", "batch") else None,
         "other_cpu_shares": shares,
     }
 
@@ -278,7 +278,7 @@ def outage(
         "drain_vs_live": round(drain_rate / live_rate, 1) if drain_rate else None,
         "live_latency_during_drain_ms": latency,
         "outage_started": stopped,
-        "seq": counts["seq"] if fmt == "uns" else None,
+        "seq": counts["seq"] if fmt in ("uns", "batch") else None,
     }
     print(
         f"outage {fmt}: broker down {down:g} s at {live_rate:.0f} readings/s: backlog {backlog}; reconnected "
