@@ -85,7 +85,8 @@ async def test_batches_split_to_the_size_the_broker_takes(
     assert [t["name"] for t in meta.json()["tags"]] == [t["name"] for t in TAGS]
     online, offline = sub.on("acme/s/_gateway/edge-b/status")  # (offline: the gateway stopped)
     assert online.retain
-    assert online.json()["online"] is True
+    assert offline.retain
+    assert [online.json()["online"], offline.json()["online"]] == [True, False]
 
 
 async def test_the_rate_limit_holds_at_the_subscriber(
