@@ -299,7 +299,28 @@ def _check(files: list[Path]) -> int:
             continue
         tags = sum(len(d.tags) for d in settings.devices)
         print(f"{file}: ok ({len(settings.devices)} device(s), {tags} tag(s))")
+        for output in settings.outputs:
+            if output.platform != "generic":
+                print(f"  output {output.name}: {_platform_rules(output)}")
     return EXIT_CONFIG if failed else 0
+
+
+def _platform_rules(output: config.OutputSettings) -> str:
+    """What the output's platform makes of it, for `check`: e.g. `aws-iot-core, format batch,
+    at most 100 messages/s, 131072 bytes a message, status and _meta retained`."""
+    p = output.profile
+    parts = [p.name, f"format {output.format}"]
+    if output.max_rate is not None:
+        parts.append(f"at most {output.max_rate:g} messages/s")
+    if output.max_message_bytes is not None:
+        parts.append(f"{output.max_message_bytes} bytes a message")
+    if output.format != "sparkplug":
+        parts.append(
+            "status and _meta " + ("retained" if p.retain else "not retained" if p.status else "left out")
+        )
+    if output.offered_alpn is not None:
+        parts.append(f"ALPN {output.offered_alpn}")
+    return ", ".join(parts)
 
 
 def _outbox_stats(file: Path, *, as_json: bool) -> int:

@@ -7,6 +7,7 @@ before the hub drops the connection."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -39,8 +40,11 @@ def pki(tmp_path: Path) -> Pki:
     return example_files(tmp_path / "etc", make_pki(tmp_path / "pki", CLIENTS))
 
 
-def local(name: str, tmp_path: Path, press: ModbusSimulator, url: str, **replace: str) -> str:
-    """Example `name` pointed at a stand-in's `url`, its device at `press`, polled every 50 ms."""
+def local(
+    name: str, tmp_path: Path, press: ModbusSimulator, url: str, *, ca: Path | None = None, **replace: str
+) -> str:
+    """Example `name` pointed at a stand-in's `url` (whose certificate `ca` signs, where the
+    platform's chains to a public root), its device at `press`, polled every 50 ms."""
     shipped = {
         "aws-iot-core.yaml": "mqtts://a1b2c3-ats.iot.eu-central-1.amazonaws.com:8883",
         "azure-iot-hub.yaml": "mqtts://myhub.azure-devices.net:8883",
@@ -48,7 +52,10 @@ def local(name: str, tmp_path: Path, press: ModbusSimulator, url: str, **replace
         "hivemq-cloud.yaml": "mqtts://0123456789abcdef.s1.eu.hivemq.cloud:8883",
     }
     ours = {shipped[name]: url, "port: 5020": f"port: {press.port}", "poll: 1s": "poll: 50ms"}
-    return example(name, tmp_path / "etc", **ours, **replace)
+    text = example(name, tmp_path / "etc", **ours, **replace)
+    if ca is not None:
+        text = re.sub(r"^(    format: .*)$", rf"\1\n    ca: {ca}", text, count=1, flags=re.MULTILINE)
+    return text
 
 
 def batch_seqs(messages: list[Message], topic: str = DEVICE) -> list[int]:
@@ -128,13 +135,7 @@ async def test_azure_event_grid_gets_nothing_retained(
     grid = event_grid(make_mosquitto, tmp_path / "grid", pki, client="edge-1")
     sub = subscriber(grid.broker, "acme/#")
     # The namespace's certificate chains to a public root; the stand-in's to the test CA.
-    text = local(
-        "azure-event-grid.yaml",
-        tmp_path,
-        press,
-        grid.url,
-        **{"    format: batch": f"    format: batch\n    ca: {pki.ca}"},
-    )
+    text = local("azure-event-grid.yaml", tmp_path, press, grid.url, ca=pki.ca)
     async with running(text, tmp_path / "grid.yaml"):
         await sub.received(lambda ms: len(batch_seqs(ms)) >= 30, timeout=20)
     # Status and _meta went, without retain: a retained one would have closed the connection
@@ -157,11 +158,8 @@ async def test_azure_iot_hub_renews_its_sas_token_before_the_hub_drops_it(
     sub = subscriber(standin.broker, "#")
     with standin as hub:
         # 10 s tokens: renewed after 8.
-        changes = {
-            "token_lifetime: 1h": "token_lifetime: 10s",
-            "    format: batch": f"    format: batch\n    ca: {pki.ca}",
-        }
-        text = local("azure-iot-hub.yaml", tmp_path, press, hub.url, **changes)
+        short = {"token_lifetime: 1h": "token_lifetime: 10s"}
+        text = local("azure-iot-hub.yaml", tmp_path, press, hub.url, ca=pki.ca, **short)
         async with running(text, tmp_path / "hub.yaml"):
             await eventually(lambda: len(hub.accepted) >= 2, timeout=30, what="a second connection")
             mark = max(batch_seqs(sub.messages, events))
@@ -198,8 +196,7 @@ async def test_hivemq_cloud_with_a_verified_name_and_a_password(
     )  # fmt: skip
     sub = subscriber(broker, f"{DEVICE}/+")
     # By name, as HiveMQ Cloud must be reached (SNI): the stand-in's certificate is for localhost.
-    text = local("hivemq-cloud.yaml", tmp_path, press, f"mqtts://localhost:{port}",
-                 **{"    format: uns": f"    format: uns\n    ca: {pki.ca}"})  # fmt: skip
+    text = local("hivemq-cloud.yaml", tmp_path, press, f"mqtts://localhost:{port}", ca=pki.ca)
     async with running(text, tmp_path / "hivemq.yaml"):
         await sub.received(lambda ms: len([m for m in ms if not m.retain]) >= 30, timeout=20)
     assert_no_gap([m.json()["seq"] for m in sub.messages if not m.retain])

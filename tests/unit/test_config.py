@@ -119,6 +119,14 @@ def test_every_shipped_config_passes_check(file: Path, shipped_files: Path, tmp_
     )
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+    # A cloud output: check says what its platform makes of it.
+    platform = yaml.safe_load(file.read_text(encoding="utf-8")).get("outputs", [{}])[0].get("platform")
+    if platform is not None:
+        assert f"  output {_first_output(file)}: {platform}, format " in result.stdout
+
+
+def _first_output(file: Path) -> str:
+    return str(yaml.safe_load(file.read_text(encoding="utf-8"))["outputs"][0]["name"])
 
 
 @pytest.mark.parametrize(
