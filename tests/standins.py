@@ -157,12 +157,7 @@ def _start_endpoint(
     files.parent.mkdir(parents=True, exist_ok=True)
     acl = files.with_suffix(".acl")
     acl.write_text(f"user {client}\n" + "".join(f"topic write {t}\n" for t in topics), encoding="utf-8")
-    storage = []
-    if persistent:
-        # Sessions and queued messages outlive broker.stop()/start(), as a platform's do.
-        sessions = files.with_suffix(".db")
-        sessions.mkdir(exist_ok=True)
-        storage = ["persistence true", f"persistence_location {sessions}/"]
+    storage = _storage(files) if persistent else []
     port = free_port()
     broker = make_mosquitto(
         *_MAIN_LISTENER,
@@ -179,6 +174,14 @@ def _start_endpoint(
         *storage,
     )
     return broker, port
+
+
+def _storage(files: Path) -> list[str]:
+    """Mosquitto lines that keep sessions and queued messages across broker.stop()/start(),
+    as a platform's do, in a folder named `files`.db."""
+    sessions = files.with_suffix(".db")
+    sessions.mkdir(parents=True, exist_ok=True)
+    return ["persistence true", f"persistence_location {sessions}/"]
 
 
 def aws_iot_core(
@@ -666,9 +669,11 @@ def iot_hub(
     hub: str = HUB,
     device_id: str = THING,
     key: bytes | None = None,
+    persistent: bool = False,
 ) -> IotHubStandIn:
     """An IoT Hub stand-in for `device_id` (its key random unless given), its mosquitto
-    started, its front not yet: `with iot_hub(...) as hub:`."""
+    started, its front not yet: `with iot_hub(...) as hub:`; with `persistent`, sessions
+    survive a restart of its mosquitto."""
     port = free_port()
     acl = directory / "iot-hub-acl"
     directory.mkdir(parents=True, exist_ok=True)
@@ -686,6 +691,7 @@ def iot_hub(
         "retain_available false",
         "message_size_limit 262144",
         "max_keepalive 1767",
+        *(_storage(directory / "iot-hub") if persistent else []),
     )
     return IotHubStandIn(broker, port, pki, hub, device_id, secrets.token_bytes(32) if key is None else key)
 

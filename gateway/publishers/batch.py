@@ -151,12 +151,14 @@ def _per_entry(lost: BrokerUnavailable, carried: list[list[int]], count: int) ->
             if i < head:
                 refused.append((topic, why))
                 refused_at.append(i)
+    # The entry blamed for a lost connection is the first one not acked: the one the engine
+    # leases alone next (see gateway.app._Suspect), whose fate then says something about it.
     return BrokerUnavailable(
         str(lost),
         settled=head,
         refused=refused,
         refused_at=refused_at,
-        unconfirmed=None if lost.unconfirmed is None else carried[lost.unconfirmed][0],
+        unconfirmed=None if lost.unconfirmed is None or head == count else head,
         blames_message=lost.blames_message,
     )
 

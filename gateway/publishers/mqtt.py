@@ -50,9 +50,10 @@ _MISC_INTERVAL = 1.0
 # True while the on_connect hook runs: its messages (births) may go out before the
 # connection is reported ready, everybody else's wait.
 _announcing: ContextVar[bool] = ContextVar("millwright_mqtt_announcing", default=False)
-# Before renewing its password a connection lets the publishes under way finish, this long at
-# most: what is still unconfirmed then is published again on the next connection.
-_DRAIN_TIMEOUT = 10.0
+# Before renewing its password a connection waits this long at most for the confirmations of
+# what it sent (it sends nothing more meanwhile): what is still unconfirmed then is published
+# again on the next connection. (Within the renewal's margin: see AzureSettings.renew_after.)
+_DRAIN_TIMEOUT = 2.0
 
 
 class Tokens(Protocol):
@@ -97,7 +98,7 @@ class MqttConnection:
         # Per connection in the platforms' terms, but kept across connections: a reconnect
         # must not make room for a burst the platform would still count.
         self._rate = RateLimit(settings.max_rate) if settings.max_rate is not None else None
-        self._last_attempt: float | None = None
+        self._last_connect: float | None = None  # when the last CONNECT went out (monotonic)
         self._nodelay = nodelay
         self._client_id = client_id if client_id is not None else (settings.client_id or "")
         self._will = will
@@ -186,12 +187,19 @@ class MqttConnection:
         try:
             while not self._closing:
                 await self._keep_gap()
+                if self._closing:
+                    return
                 try:
                     session = await self._establish()
                 except BrokerUnavailable as exc:
                     if self._closing:
                         return
-                    self._report_down(str(exc), lost=False)
+                    reason = str(exc)
+                    if self._tokens is not None and "Not authorized" in reason:
+                        # A Raspberry Pi without a clock battery may boot in the past, and
+                        # every token then expires before it is made.
+                        reason += f" ({self._tokens.what} is valid by this machine's clock: is it right?)"
+                    self._report_down(reason, lost=False)
                 else:
                     backoff.reset()
                     reason = await self._serve(session)
@@ -216,15 +224,15 @@ class MqttConnection:
 
     async def _keep_gap(self) -> None:
         """Wait until the platform's least time between two CONNECTs has passed (AWS IoT
-        Core refuses a client id that connects again within a second)."""
+        Core refuses a client id that connects again within a second). An attempt that
+        failed before its CONNECT (TCP, TLS) does not count."""
         gap = self._settings.profile.reconnect_gap
-        if gap and self._last_attempt is not None:
-            wait = self._last_attempt + gap - time.monotonic()
+        if gap and self._last_connect is not None:
+            wait = self._last_connect + gap - time.monotonic()
             if wait > 0:
                 with suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._closed.wait()
-        self._last_attempt = time.monotonic()
 
     async def close(self, final: Sequence[Message] = (), *, with_will: bool = False) -> None:
         """Graceful stop: publish `final` (waiting ~2 s for its PUBACKs), then DISCONNECT.
@@ -271,12 +279,16 @@ class MqttConnection:
         self._session = session
         timeout = self._settings.connect_timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
+                # The announcements wait for the rate limit like any message: that time is
+                # the limit's, not the broker's, and does not count against the timeout.
+                session.on_rate_wait = lambda wait: deadline.reschedule((deadline.when() or 0.0) + wait)
                 try:
                     await open_client(session.client, self._connect_args())
                 except (OSError, ValueError):
                     self._reuse_will = True
                     raise
+                self._last_connect = time.monotonic()  # (the CONNECT went out in open_client)
                 session.attach()
                 either: list[asyncio.Future[Any]] = [session.connack, session.lost]
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -284,6 +296,7 @@ class MqttConnection:
                     raise BrokerUnavailable(session.lost.result())
                 self.generation += 1
                 await self._announce()
+                session.on_rate_wait = None
         except TimeoutError:
             session.abort("timed out")
             raise BrokerUnavailable(f"no answer within {timeout:g} s") from None
@@ -328,11 +341,14 @@ class MqttConnection:
         return session.lost.result()
 
     async def _renew(self, what: str) -> None:
-        """Connect again with a new token before this one expires: no new publish starts,
-        the ones under way get their confirmations, then a clean DISCONNECT (no will)."""
+        """Connect again with a new token before this one expires: nothing more is sent,
+        what was sent gets its confirmations (the rest of a publish under way goes back to
+        the outbox), then a clean DISCONNECT (no will)."""
         self._renew_at = None
         self._leaving = f"renewing {what}"
         self._ready.clear()
+        if self._session is not None:
+            self._session.stopping = self._leaving
         with suppress(TimeoutError):
             async with asyncio.timeout(_DRAIN_TIMEOUT):
                 await self._idle.wait()

@@ -52,7 +52,7 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 class _Tracker:
     """The confirmations still awaited by one `publish_many` call, message by message."""
 
-    __slots__ = ("done", "error", "handed", "refused", "remaining", "settled")
+    __slots__ = ("cut", "done", "error", "handed", "refused", "remaining", "settled")
 
     def __init__(self, count: int) -> None:
         self.done = asyncio.Event()
@@ -61,6 +61,7 @@ class _Tracker:
         self.remaining = count
         self.settled = bytearray(count)  # 1 for each message confirmed or refused, by index
         self.handed = 0  # messages gone to paho (or refused before it), in order
+        self.cut: str | None = None  # why the messages after `handed` will not be sent
 
     def settle(self, index: int, topic: str, refusal: str | None = None) -> None:
         self.settled[index] = 1
@@ -68,7 +69,18 @@ class _Tracker:
             self.refused.append((index, topic, refusal))
         self.remaining -= 1
         if self.remaining == 0:
-            self.finish()
+            self._end()
+
+    def stop(self, reason: str) -> None:
+        """Send no more: finish once the messages handed so far are settled, as a loss of
+        the connection that settled those (the caller acks them and releases the rest)."""
+        self.cut = reason
+        self.remaining -= len(self.settled) - self.handed
+        if self.remaining == 0:
+            self._end()
+
+    def _end(self) -> None:
+        self.finish(None if self.cut is None else self.lost(self.cut, blames_message=False))
 
     def lost(self, reason: str, *, blames_message: bool) -> BrokerUnavailable:
         """The error for a connection lost meanwhile: how many messages, from the first, were
@@ -110,6 +122,11 @@ class Session:
         self.client = client
         self.max_message = max_message  # the output's largest message, payload and topic
         self.rate = rate
+        # Told each wait for the rate limit (the connect's timeout leaves that time out).
+        self.on_rate_wait: Callable[[float], None] | None = None
+        # Set when the connection is about to end on purpose (a token's renewal): publishes
+        # hand paho nothing more, and end once what they handed is confirmed.
+        self.stopping: str | None = None
         self.on_message = on_message
         self.nodelay = nodelay
         # SUBACKs and UNSUBACKs awaited, by message id.
@@ -344,6 +361,14 @@ class Session:
                 return f"{size} bytes, more than the broker's maximum packet size ({self.max_packet})"
         return None
 
+    async def _keep_rate(self) -> None:
+        """Wait until the rate limit lets the next message go, or the connection is lost."""
+        assert self.rate is not None
+        while (wait := self.rate.delay()) > 0 and not self.lost.done():
+            if self.on_rate_wait is not None:
+                self.on_rate_wait(wait)
+            await asyncio.wait([self.lost], timeout=wait)
+
     async def disconnect(self, *, with_will: bool = False) -> None:
         """A normal DISCONNECT, so the broker discards the will (MQTT 5 and `with_will`: the
         broker publishes it); abort if it takes too long."""
@@ -374,10 +399,12 @@ class Session:
             window = self.window
             await window.acquire()
             if self.rate is not None:
-                # Waiting for time to pass, not for an event: the limit is a clock's.
-                while (wait := self.rate.delay()) > 0 and not self.lost.done():  # noqa: ASYNC110
-                    await asyncio.sleep(wait)
-            if self.lost.done() or tracker.done.is_set():
+                try:
+                    await self._keep_rate()
+                except BaseException:  # cancelled while waiting: the slot is not taken
+                    window.release()
+                    raise
+            if self.lost.done() or tracker.done.is_set() or self.stopping is not None:
                 window.release()
                 break
             try:
@@ -399,6 +426,8 @@ class Session:
                 self._settle(tracker, index, topic, qos, early)
         if self.lost.done():
             tracker.finish(tracker.lost(self.lost.result(), blames_message=self.lost_blames_message))
+        elif self.stopping is not None and tracker.handed < len(messages):
+            tracker.stop(self.stopping)
         await tracker.done.wait()
         if tracker.error is not None:
             raise tracker.error

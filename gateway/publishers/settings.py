@@ -41,10 +41,13 @@ else:
 DEFAULT_BATCH_BYTES = 256 * 1024
 # IoT Hub's user name carries the API version the gateway speaks.
 AZURE_API_VERSION = "2021-04-12"
-# A SAS token is renewed when this share of its lifetime has passed, and at least this long
-# before it expires: the hub drops the connection at the expiry.
-RENEW_SHARE = 0.8
-RENEW_MARGIN = 300.0
+# A SAS token is replaced this long before it expires (the hub drops the connection then):
+# a fifth of its lifetime, at most 5 minutes, and at least RENEW_LEAST (or half the lifetime):
+# time for the renewal itself, which waits for the confirmations under way (up to 2 s), on
+# top of a second's tick and the second that the expiry's rounding down to seconds takes.
+RENEW_SHARE = 0.2
+RENEW_MOST = 300.0
+RENEW_LEAST = 5.0
 
 
 class SparkplugSettings(Model):
@@ -93,9 +96,10 @@ class AzureSettings(Model):
 
     @property
     def renew_after(self) -> float:
-        """Seconds after signing at which a token is replaced."""
+        """Seconds after signing at which a token is replaced (see RENEW_SHARE)."""
         lifetime = self.token_lifetime
-        return max(lifetime * RENEW_SHARE, lifetime - RENEW_MARGIN)
+        margin = max(min(lifetime * RENEW_SHARE, RENEW_MOST), min(RENEW_LEAST, lifetime / 2))
+        return lifetime - margin - 1.0  # the expiry is written in whole seconds, rounded down
 
 
 _TLS_SCHEMES = ("mqtts", "ssl")
@@ -233,7 +237,8 @@ class MqttSettings(Model):
             if isinstance(hub, str) and isinstance(device, str):
                 username = f"{hub}/{device}/?api-version={AZURE_API_VERSION}"
                 defaults |= {"client_id": device, "username": username}
-        return {**defaults, **data}
+        # A null is no value: it must not switch a platform's limit off.
+        return {**defaults, **{k: v for k, v in data.items() if v is not None or k not in defaults}}
 
     @model_validator(mode="after")
     def _platform_rules(self) -> Self:
@@ -302,6 +307,12 @@ class MqttSettings(Model):
             # A UNS message names neither: its topic is all that tells one tag from another.
             raise ProblemAt(
                 ("topic",), "a UNS topic must contain {device} and {tag}: the message names neither"
+            )
+        if self.format == "batch" and "device" not in template.fields:
+            # Each device's retained _meta goes under its topic: without {device} they would
+            # all share one, each replacing the last.
+            raise ProblemAt(
+                ("topic",), "a batch topic must contain {device}: each device's _meta goes under it"
             )
         if self.format == "batch" and "tag" in template.fields:
             raise ProblemAt(

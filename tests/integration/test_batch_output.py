@@ -97,7 +97,8 @@ async def test_the_rate_limit_holds_at_the_subscriber(
     async with running(config(press, mosquitto, tmp_path / "outbox.db", max_rate=50), tmp_path / "gw.yaml"):
         await sub.received(lambda ms: len(ms) >= 200, timeout=30)
     times = [m.at for m in sub.messages]
-    # No second at the subscriber holds more than 50 (the limiter's span is a little longer
-    # than a second: the network may bring messages closer).
-    crowded = [i for i in range(len(times) - 50) if times[i + 50] - times[i] < 1.0]
-    assert not crowded, f"{len(crowded)} windows of a second with more than 50 messages"
+    # The limiter lets no more than 50 go in any 1.05 s. At the subscriber, a thread of this
+    # process, the spans may shrink by what a busy machine delays one message and not the
+    # next: 0.15 s allowed. (Unlimited, 51 messages take some 0.06 s here.)
+    crowded = [i for i in range(len(times) - 50) if times[i + 50] - times[i] < 0.9]
+    assert not crowded, f"{len(crowded)} spans of 51 messages shorter than 0.9 s"

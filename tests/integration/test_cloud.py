@@ -124,8 +124,11 @@ async def test_aws_iot_core_rate_limit_holds_at_the_stand_in(
     async with running(text, tmp_path / "rate.yaml"):
         await sub.received(lambda ms: len(ms) >= 250, timeout=30)
     times = [m.at for m in sub.messages if not m.retain]
-    crowded = [i for i in range(len(times) - 100) if times[i + 100] - times[i] < 1.0]
-    assert not crowded, f"{len(crowded)} windows of a second with more than 100 messages"
+    # At most 100 in any 1.05 s as sent; at the subscriber (a thread of this process) the
+    # spans may shrink by a busy machine's delay of one message: 0.15 s allowed. (Unlimited,
+    # 101 messages take some 0.33 s at the offered 300 a second.)
+    crowded = [i for i in range(len(times) - 100) if times[i + 100] - times[i] < 0.9]
+    assert not crowded, f"{len(crowded)} spans of 101 messages shorter than 0.9 s"
     assert_no_gap([m.json()["seq"] for m in sub.messages if not m.topic.endswith("/_meta")])
 
 
@@ -154,18 +157,23 @@ async def test_azure_iot_hub_renews_its_sas_token_before_the_hub_drops_it(
     caplog.set_level(logging.INFO, logger="gateway.publishers.mqtt")
     events = "devices/edge-1/messages/events/$.ct=application%2Fjson&$.ce=utf-8"
     hub_name = "myhub.azure-devices.net"
-    standin = iot_hub(make_mosquitto, tmp_path / "hub", pki, hub=hub_name, device_id="edge-1", key=DEVICE_KEY)
-    sub = subscriber(standin.broker, "#")
+    standin = iot_hub(make_mosquitto, tmp_path / "hub", pki, hub=hub_name, device_id="edge-1", key=DEVICE_KEY,
+                      persistent=True)  # fmt: skip
+    sub = subscriber(standin.broker, "#", client_id="hub-check", persistent=True)
     with standin as hub:
-        # 10 s tokens: renewed after 8.
+        # 10 s tokens: renewed 5 s before they expire.
         short = {"token_lifetime: 1h": "token_lifetime: 10s"}
         text = local("azure-iot-hub.yaml", tmp_path, press, hub.url, ca=pki.ca, **short)
         async with running(text, tmp_path / "hub.yaml"):
             await eventually(lambda: len(hub.accepted) >= 2, timeout=30, what="a second connection")
+            # The hub drops the connection (a restart): the gateway connects again with a new token.
+            hub.broker.stop()
+            hub.broker.start()
+            await eventually(lambda: len(hub.accepted) >= 3, timeout=30, what="a connection after the drop")
             mark = max(batch_seqs(sub.messages, events))
             await sub.received(lambda ms: max(batch_seqs(ms, events)) >= mark + 20, timeout=20)
-    assert hub.refused == []
-    assert hub.expired == 0  # renewed first: the hub never had to drop it
+    assert hub.expired == 0  # renewed first: the hub never had to drop it for its token
+    assert all(r.startswith("CONNACK 3: upstream broker unavailable") for r in hub.refused), hub.refused
     first, second = hub.accepted[:2]
     assert (first.client_id, first.username) == (
         "edge-1",

@@ -63,13 +63,14 @@ Specs = Mapping[str, Sequence[tuple[str, DataType | None, str | None]]]
 
 def make_node(
     broker: Mosquitto, outbox: Outbox, tmp_path: Path, *, host: str | None = None, opcua: bool = False,
-    devices: Specs | None = None, version: str = "5",
+    devices: Specs | None = None, version: str = "5", max_message_bytes: int | None = None,
 ) -> SparkplugNode:  # fmt: skip
     """Edge node `n` of group `g`; by default devices m1 and m2 of one tag `t` each (Double, or
     untyped as an OPC UA tag is until its first value)."""
     mqtt = MqttSettings(
-        url=broker.url, version=version, format="sparkplug", sparkplug=SparkplugSettings(group_id="g")
-    )
+        url=broker.url, version=version, format="sparkplug", sparkplug=SparkplugSettings(group_id="g"),
+        max_message_bytes=max_message_bytes,
+    )  # fmt: skip
     datatype = None if opcua else DataType.DOUBLE
     return SparkplugNode(
         mqtt,
@@ -286,16 +287,19 @@ async def test_hostile_commands_leave_the_node_working(
     assert node._warned <= {"dcmd", "ncmd-payload", "ncmd metric"}
 
 
+@pytest.mark.parametrize("whose", ["broker", "output"])
 async def test_a_ddata_over_the_brokers_maximum_packet_size_is_split(
-    make_mosquitto: MakeMosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path
+    make_mosquitto: MakeMosquitto, subscriber: Subscribe, outbox: Outbox, tmp_path: Path, whose: str
 ) -> None:
     """A lease carries many readings of a device (a replay leases thousands): one DDATA for
-    all of them may be larger than the broker takes (MQTT 5 Maximum Packet Size), and would
-    be refused whole. It goes out in as many DDATA as it takes, every value delivered,
-    nothing dropped, seq unbroken."""
-    broker = make_mosquitto("max_packet_size 4096")
+    all of them may be larger than the broker takes (MQTT 5 Maximum Packet Size), or than the
+    output's max_message_bytes (a platform's limit), and would be refused whole. It goes out
+    in as many DDATA as it takes, every value delivered, nothing dropped, seq unbroken."""
+    broker = make_mosquitto("max_packet_size 4096") if whose == "broker" else make_mosquitto()
+    limit = 4096 if whose == "output" else None
     tags = [f"temperature_{i:02}" for i in range(50)]  # a DBIRTH of about 3.3 kB: it fits
-    node = make_node(broker, outbox, tmp_path, devices={"m1": [(t, DataType.DOUBLE, None) for t in tags]})
+    specs = {"m1": [(t, DataType.DOUBLE, None) for t in tags]}
+    node = make_node(broker, outbox, tmp_path, devices=specs, max_message_bytes=limit)
     h = Host(broker, subscriber(broker, "spBv1.0/#"))
     running = Node(node, outbox)
     try:

@@ -19,6 +19,7 @@ from gateway.errors import ConfigError
 from gateway.publishers import topics
 from gateway.publishers.azure import read_device_key, sas_token
 from gateway.publishers.platforms import PLATFORMS
+from gateway.publishers.settings import AzureSettings
 
 HEAD = {
     "gateway": {
@@ -75,6 +76,25 @@ def _problem(output: dict[str, Any], **device: Any) -> str:
     return err.value.problems[0]
 
 
+@pytest.mark.parametrize("key", ["max_rate", "max_message_bytes", "max_inflight", "version"])
+def test_a_null_does_not_switch_a_platform_limit_off(key: str) -> None:
+    (_, output), = _config(_aws(format="batch", **{key: None})).resolved_outputs()  # fmt: skip
+    assert (output.max_rate, output.max_message_bytes, output.max_inflight) == (100.0, 128 * 1024, 100)
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "renewed_after"),
+    [(10.0, 4.0), (60.0, 47.0), (3600.0, 3299.0), (86400.0, 86099.0)],
+)
+def test_a_sas_token_is_renewed_before_it_expires(lifetime: float, renewed_after: float) -> None:
+    """A fifth of the lifetime before, at most 5 minutes and at least 5 s before; a second
+    more, as the expiry is written in whole seconds."""
+    azure = AzureSettings(
+        hub="h.azure-devices.net", device_id="d", device_key_file=Path("k"), token_lifetime=lifetime
+    )
+    assert azure.renew_after == renewed_after
+
+
 def test_aws_defaults_follow_the_platform() -> None:
     (aws,) = _config(_aws(format="batch")).resolved_outputs()
     output = aws[1]
@@ -106,6 +126,7 @@ def test_aws_defaults_follow_the_platform() -> None:
         (_aws(topic="{device}/{tag"), "topic", "placeholders are"),
         (_aws(topic="$sys/{device}/{tag}"), "topic", "start with $"),
         (_aws(format="batch", topic="{device}/{tag}"), "topic", "{tag} has no place"),
+        (_aws(format="batch", topic="plant/{site}/telemetry"), "topic", "must contain {device}"),
         (_aws(format="sparkplug", sparkplug={"group_id": "g"}, topic="x/{device}"), "topic", "Sparkplug"),
         (_aws(topic="a/b/c/d/e/f/g/{device}/{tag}"), "topic", "8 slashes (levels 9), more than 7"),
     ],
@@ -200,8 +221,7 @@ def test_the_issue_example_outputs_load(tmp_path: Path, files: dict[str, str]) -
     )  # fmt: skip
     assert z.azure is not None
     assert z.azure.token_lifetime == 3600.0
-    # Renewed before it expires: within the last fifth, and at least 5 minutes before.
-    assert z.azure.renew_after == 3300.0
+    assert z.azure.renew_after == 3299.0  # 5 minutes before it expires
 
 
 def test_the_device_key_file_must_hold_a_key(tmp_path: Path) -> None:

@@ -252,6 +252,7 @@ class SparkplugNode:
         self._outbox = outbox
         self._output = output  # its name in the outbox
         self._version = mqtt.version
+        self._max_message = mqtt.max_message_bytes  # the platform's, or the output's own
         self._aliases = sparkplug.aliases
         self._host = sparkplug.primary_host_id
         group, node = sparkplug.group_id, edge_node_id
@@ -587,9 +588,13 @@ class SparkplugNode:
 
     def _ddata_bytes(self) -> int:
         """What the metrics of one DDATA may take: under the broker's announced maximum
-        packet size (the rest is room for the topic and the headers), and under _DDATA_BYTES."""
-        largest = self.connection.max_packet
-        return _DDATA_BYTES if largest is None else max(1, min(_DDATA_BYTES, largest - 512))
+        packet size and the output's max_message_bytes (the rest is room for the topic and
+        the headers), and under _DDATA_BYTES."""
+        limits = [_DDATA_BYTES]
+        for largest in (self.connection.max_packet, self._max_message):
+            if largest is not None:
+                limits.append(largest - 512)
+        return max(1, min(limits))
 
     def _unborn(self, topic: str) -> None:
         """A DBIRTH on `topic` did not go out: the device has to be born again."""
