@@ -64,9 +64,6 @@ class BatchPublisher(UnsPublisher):
         self._heads: dict[str, tuple[str, bytes]] = {}  # device -> topic, payload up to the readings
         self._tags: dict[str, bytes] = {}  # tag name -> the start of its reading, `{"tag":"name",`
 
-    def topic(self, device: str, tag: str = "") -> str:
-        return self._head(device)[0]
-
     def _head(self, device: str) -> tuple[str, bytes]:
         head = self._heads.get(device)
         if head is None:
