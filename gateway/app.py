@@ -196,16 +196,48 @@ class Gateway:
         self._stop = asyncio.Event()
         self._report_every = report_every  # seconds between the state summary lines
         self.state: State | None = None  # made by run(): devices, output, latest values
+        self.outbox: Outbox | None = None  # open while run() runs
+        self._polling = False  # the pollers run
 
     def stop(self) -> None:
         self._stop.set()
 
+    def not_ready(self) -> list[str]:
+        """Why the gateway is not ready (`/readyz`); empty when it is. A broker that is
+        away is no reason: the outbox keeps buffering meanwhile."""
+        reasons = []
+        if self.outbox is None:
+            reasons.append("the outbox is not open (yet)")
+        if not self._polling:
+            reasons.append("the pollers are not running")
+        return reasons
+
     async def run(self) -> None:
         s = self.settings
-        outbox = await self._open_outbox()
+        outbox = self.outbox = await self._open_outbox()
         if outbox is None:
             log.info("gateway %s stopped before its outbox opened", s.gateway.id)
             return
+        # The status server once the outbox is ours: a second gateway started on the same
+        # outbox by mistake then says that, and nothing about a port the first one holds.
+        server = None
+        if s.http.enabled:
+            from gateway.http.server import Sources, StatusServer  # aiohttp: only when serving
+
+            sources = Sources(lambda: self.state, lambda: self.outbox, self.not_ready)
+            server = StatusServer(s.http, sources, s.gateway.id)
+            await server.start()
+        try:
+            await self._run(outbox)
+        finally:
+            if server is not None:
+                await server.stop()
+            self.outbox = None
+            await outbox.close()
+        log.info("gateway %s stopped", s.gateway.id)
+
+    async def _run(self, outbox: Outbox) -> None:
+        s = self.settings
         collectors: list[tuple[Device, Collector]] = []
         try:
             collectors.extend(make_collectors(s.devices, s.pki_dir))
@@ -226,12 +258,14 @@ class Gateway:
                     for d, c in collectors
                 ]  # fmt: skip
                 reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
+                self._polling = True
                 log.info(
                     "gateway %s running: %d device(s), outbox %s, %s",
                     s.gateway.id, len(collectors), s.outbox.path,
                     ", ".join(f"output {o.name} {o.settings.format} to {o.settings.url}" for o in outputs),
                 )  # fmt: skip
                 await self._stop.wait()
+                self._polling = False
                 # Collectors first, so every reading they made is committed before we leave;
                 # the report with them, as it reads the outbox.
                 await cancel([*pollers, reporter])
@@ -241,12 +275,8 @@ class Gateway:
                 await asyncio.gather(*(o.publisher.close() for o in outputs))
                 await cancel(links)
         finally:
-            try:
-                for _, collector in collectors:
-                    await collector.close()
-            finally:
-                await outbox.close()
-        log.info("gateway %s stopped", s.gateway.id)
+            for _, collector in collectors:
+                await collector.close()
 
     async def _open_outbox(self) -> Outbox | None:
         """The outbox, or None if `stop()` came first: opening waits while the disk is full."""

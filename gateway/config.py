@@ -23,6 +23,7 @@ from gateway import tls, yamlload
 from gateway.collectors import DeviceSettings
 from gateway.collectors.registry import PROTOCOLS, Device, by_protocol
 from gateway.errors import ConfigError
+from gateway.http.settings import HttpSettings
 from gateway.model import AssetPath
 from gateway.publishers import topics
 from gateway.publishers.azure import read_device_key
@@ -94,6 +95,10 @@ class ConfigFile(Model):
 
     gateway: GatewaySettings
     outbox: OutboxSettings
+    http: HttpSettings = Field(
+        default_factory=HttpSettings,
+        description="The status server: health checks, Prometheus metrics and the JSON status.",
+    )
     mqtt: MqttSettings | None = Field(
         default=None,
         description=f"A single output: the shorthand for outputs: with one entry, named {SHORTHAND}.",
@@ -265,6 +270,7 @@ class Settings(Model):
 
     gateway: GatewaySettings
     outbox: OutboxSettings
+    http: HttpSettings = Field(default_factory=HttpSettings)
     outputs: tuple[OutputSettings, ...] = Field(min_length=1, description="Every output, in file order.")
     devices: list[Device] = Field(min_length=1, description="Devices to collect from.")
 
@@ -409,12 +415,18 @@ def _resolve_files(doc: ConfigFile, file: str) -> Settings:
         for loc, output in doc.resolved_outputs()
     )
     devices = [PROTOCOLS[d.protocol].resolve_files(d, i, base, problems) for i, d in enumerate(doc.devices)]
+    secrets = {
+        key: resolve_file(base, value, f"http.{key}", SECRET_FILE, problems, secret=True)
+        for key in ("password_file", "token_file")
+        if (value := getattr(doc.http, key)) is not None
+    }
     if problems:
         raise ConfigError(file, problems)
     gateway = doc.gateway
     if gateway.pki_dir is not None:
         gateway = gateway.model_copy(update={"pki_dir": base / gateway.pki_dir})
-    return Settings(gateway=gateway, outbox=outbox, outputs=outputs, devices=devices)
+    http = doc.http.model_copy(update=secrets) if secrets else doc.http
+    return Settings(gateway=gateway, outbox=outbox, http=http, outputs=outputs, devices=devices)
 
 
 def _resolve_output(

@@ -132,11 +132,12 @@ class State:
         self.outbox: OutboxStats | None = None  # as of the last refresh()
         self.latest: dict[tuple[str, str], Reading] = {}
         self.readings = 0  # taken in since the start
+        self.readings_of: dict[str, int] = {}  # the same, by device
         self._configured = frozenset(tags)
         self._limit = len(self._configured) + unconfigured
         self._capped = False
-        self._started = time.time()
-        self._last: tuple[float, int] = (self._started, 0)  # (when, readings) at the last summary
+        self.started = time.time()
+        self._last: tuple[float, int] = (self.started, 0)  # (when, readings) at the last summary
 
     def device(self, name: str, protocol: str = "") -> DeviceState:
         """The entry of device `name`, made on first use: hand it to the device's `poll()`."""
@@ -164,6 +165,16 @@ class State:
             latest[r.device, r.tag] = r
             taken += 1
         self.readings += taken
+        if taken:
+            # A poller's batch is one device's: counted once a batch, not once a reading.
+            counts = self.readings_of
+            first = readings[0].device
+            if all(r.device == first for r in readings):
+                counts[first] = counts.get(first, 0) + taken
+            else:
+                for r in readings:
+                    if r.tag[0] != EVENT:
+                        counts[r.device] = counts.get(r.device, 0) + 1
         if len(latest) > self._limit:
             self._trim()
 

@@ -18,6 +18,7 @@ from gateway import config
 from gateway.collectors.modbus.settings import ModbusDevice, ModbusTag, SerialLine
 from gateway.collectors.opcua.settings import OpcUaDevice, OpcUaSecurity, OpcUaTag
 from gateway.errors import ConfigError
+from gateway.http.settings import HttpSettings
 from gateway.publishers.settings import AzureSettings
 from gateway.settings_types import AssetOverride, Model, mqtt_text_problem
 from gateway.tls import client_context
@@ -497,7 +498,7 @@ def test_what_strict_types_still_accept() -> None:
 MODELS = [
     config.ConfigFile, config.Settings, config.GatewaySettings, config.OutboxSettings, config.MqttSettings,
     config.OutputSettings, config.SparkplugSettings, ModbusDevice, ModbusTag, OpcUaDevice, OpcUaSecurity,
-    OpcUaTag, AssetOverride, SerialLine, AzureSettings,
+    OpcUaTag, AssetOverride, SerialLine, AzureSettings, HttpSettings,
 ]  # fmt: skip
 WRONG = {"integer": [True, 1.5, "1"], "number": [True, False], "boolean": [1, 0, "yes", "true"]}
 
