@@ -13,11 +13,15 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.broker import free_port
 from gateway.http.metrics import registry
+from gateway.http.server import Sources, StatusServer
+from gateway.http.settings import HttpSettings
 from gateway.model import Quality, Reading
 from gateway.state import State
 from simulators.modbus import ModbusSimulator
@@ -180,3 +184,42 @@ def test_the_metrics_are_the_states_figures() -> None:
     assert got["millwright_outbox_depth"] == {(("output", "cloud"),): 17.0}
     assert got["millwright_outbox_dropped_total"] == {(("output", "cloud"),): 6.0}
     assert got["millwright_outbox_oldest_age_seconds"] == {(): 0.0}
+
+
+def test_not_ready_until_the_outbox_is_open_and_the_pollers_run(tmp_path: Path) -> None:
+    from gateway.app import Gateway
+    from gateway.config import parse
+
+    text = yaml.safe_dump({
+        "gateway": {"id": "edge-h", "enterprise": "acme", "site": "s", "area": "a", "line": "l"},
+        "outbox": {"path": str(tmp_path / "outbox.db")}, "mqtt": {"url": "mqtt://127.0.0.1:1"},
+        "devices": [{"name": "press-1", "protocol": "modbus", "host": "127.0.0.1", "tags": TAGS}],
+    })  # fmt: skip
+    assert Gateway(parse(text, "gw.yaml")).not_ready() == [
+        "the outbox is not open (yet)", "the pollers are not running",
+    ]  # fmt: skip
+
+
+GOOD_BASIC = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> StatusServer:
+    folder = tmp_path_factory.mktemp("http")
+    (folder / "pw").write_text("s3cret\n")
+    (folder / "token").write_text("t0ken\n")
+    settings = HttpSettings(username="ops", password_file=folder / "pw", token_file=folder / "token")
+    return StatusServer(settings, Sources(lambda: None, lambda: None, list), "gw")
+
+
+basic = st.builds(lambda b: "Basic " + base64.b64encode(b).decode(), st.binary(max_size=40))
+
+
+@given(st.one_of(st.text(max_size=80), basic, st.sampled_from([GOOD_BASIC, "Bearer t0ken", "bearer t0ken "])))
+def test_any_authorization_header_is_refused_but_the_right_ones(server: StatusServer, header: str) -> None:
+    """Whatever a client sends, the check answers (never raises) and lets only the
+    configured credentials in."""
+    scheme, _, value = header.partition(" ")
+    # The scheme in any case, the credentials exact (whitespace around them aside).
+    right = (scheme.lower(), value.strip()) in {("bearer", "t0ken"), ("basic", GOOD_BASIC.split()[1])}
+    assert server._allowed(header) is right
