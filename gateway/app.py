@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Coroutine
@@ -17,6 +18,7 @@ from gateway.collectors.registry import Device, make_collectors
 from gateway.config import Settings
 from gateway.errors import BrokerUnavailable
 from gateway.model import Batch, Entry
+from gateway.notify import Notifier, keep_alive
 from gateway.outbox import DEFAULT_OUTPUT, Outbox
 from gateway.poller import poll
 from gateway.publishers import Publisher
@@ -259,6 +261,13 @@ class Gateway:
                 ]  # fmt: skip
                 reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
                 self._polling = True
+                notifier = Notifier()
+                watchdog = []
+                if notifier.active:
+                    status = functools.partial(state.summary, advance=False)
+                    notifier.send(READY="1", STATUS=status())
+                    watchdog.append(tasks.create_task(keep_alive(notifier, self.not_ready, status),
+                                                      name="systemd watchdog"))  # fmt: skip
                 log.info(
                     "gateway %s running: %d device(s), outbox %s, %s",
                     s.gateway.id, len(collectors), s.outbox.path,
@@ -266,9 +275,10 @@ class Gateway:
                 )  # fmt: skip
                 await self._stop.wait()
                 self._polling = False
+                notifier.send(STOPPING="1")
                 # Collectors first, so every reading they made is committed before we leave;
                 # the report with them, as it reads the outbox.
-                await cancel([*pollers, reporter])
+                await cancel([*pollers, reporter, *watchdog])
                 await cancel(loops)
                 # Each says offline (or NDEATH) and disconnects; at once, since each may wait
                 # for a broker that is gone.

@@ -217,17 +217,19 @@ class State:
             output = self.output(name)
             output.depth, output.dropped = figures.depth, figures.dropped
 
-    def summary(self, now: float | None = None) -> str:
+    def summary(self, now: float | None = None, *, advance: bool = True) -> str:
         """One line for the log, e.g. `state: 4/4 devices up, 12,345 readings (+6,000/min),
         outbox 0 waiting (0 dropped, 1.2 MB); output mqtt connected, 12,300 published, 0 refused`.
 
-        The rate is over the time since the previous summary (or the start). Down devices are
+        The rate is over the time since the previous summary that advanced (or the start):
+        the log's line advances, systemd's STATUS= (`advance=False`) does not. Down devices are
         named, with how long they have been down, a few at most; their errors were logged
         when they went down and stay in `devices`.
         """
         now = time.time() if now is None else now
         then, before = self._last
-        self._last = (now, self.readings)
+        if advance:
+            self._last = (now, self.readings)
         per_min = (self.readings - before) * 60 / (now - then) if now > then else 0.0
         parts = [
             self._devices(now),

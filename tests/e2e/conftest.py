@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -14,21 +15,26 @@ from typing import Any
 import pytest
 import yaml
 
-RunGateway = Callable[[dict[str, Any]], "GatewayProcess"]
+RunGateway = Callable[..., "GatewayProcess"]
+"""`run_gateway(config_dict, env=None)`: env, if given, is added to the child's environment."""
 
 
 class GatewayProcess:
     """`millwright run` in a child process, with its log kept for failure messages."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._env = None if env is None else {**os.environ, **env}
 
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", str(self.config)], stdout=log, stderr=log
+                [sys.executable, "-m", "gateway", "run", str(self.config)],
+                stdout=log,
+                stderr=log,
+                env=self._env,
             )
 
     def kill(self) -> None:
@@ -61,10 +67,10 @@ def run_gateway(tmp_path: Path) -> Iterator[RunGateway]:
     every gateway still running at teardown is killed."""
     made: list[GatewayProcess] = []
 
-    def start(config: dict[str, Any]) -> GatewayProcess:
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
         path = tmp_path / f"gateway-{len(made)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        process = GatewayProcess(path)
+        process = GatewayProcess(path, env)
         made.append(process)
         process.start()
         return process

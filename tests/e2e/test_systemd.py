@@ -1,0 +1,93 @@
+"""Under systemd: the notify protocol on a real datagram socket, as systemd listens for it
+(READY=1 once running, WATCHDOG=1 while healthy, STATUS= the summary, STOPPING=1)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.notify import Notifier, keep_alive
+from simulators.modbus import ModbusSimulator
+from tests.e2e.conftest import RunGateway
+from tests.helpers import Mosquitto, eventually
+
+
+@pytest.fixture
+async def press() -> AsyncIterator[ModbusSimulator]:
+    async with ModbusSimulator(port=0, units=(1,), seed=4) as sim:
+        yield sim
+
+
+@pytest.fixture
+def systemd(tmp_path: Path) -> Iterator[tuple[Path, socket.socket]]:
+    """The socket systemd would give in $NOTIFY_SOCKET, bound and non-blocking."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    yield path, sock
+    sock.close()
+
+
+def drain(sock: socket.socket, into: list[dict[str, str]]) -> list[dict[str, str]]:
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return into
+        into.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+
+async def test_ready_watchdog_status_and_stopping(
+    press: ModbusSimulator, mosquitto: Mosquitto, run_gateway: RunGateway, tmp_path: Path,
+    systemd: tuple[Path, socket.socket],
+) -> None:  # fmt: skip
+    path, sock = systemd
+    config = {
+        "gateway": {"id": "edge-sd", "enterprise": "acme", "site": "s", "area": "a", "line": "l"},
+        "outbox": {"path": str(tmp_path / "outbox.db")},
+        "http": {"enabled": False},
+        "mqtt": {"url": mosquitto.url},
+        "devices": [{"name": "press-1", "protocol": "modbus", "host": "127.0.0.1", "port": press.port,
+                     "poll": "100ms", "tags": [{"name": "t", "table": "holding", "address": 0}]}],
+    }  # fmt: skip
+    # WatchdogSec=0.4 s: a ping every 0.2 s.
+    gateway = run_gateway(config, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+    got: list[dict[str, str]] = []
+    await eventually(lambda: sum("WATCHDOG" in m for m in drain(sock, got)) >= 3, timeout=20,
+                     what="three watchdog pings")  # fmt: skip
+    assert got[0]["READY"] == "1"
+    assert got[0]["STATUS"].startswith("state: ")
+    assert all(m["STATUS"].startswith("state: ") for m in got if "WATCHDOG" in m)
+    assert await gateway.terminate() == 0
+    # (A datagram is in the socket once sent: the exit came after it.)
+    assert "STOPPING" in drain(sock, got)[-1]
+
+
+async def test_no_watchdog_ping_while_unhealthy(systemd: tuple[Path, socket.socket]) -> None:
+    """A gateway whose pollers are not running is not pinged for: systemd restarts it."""
+    path, sock = systemd
+    notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"})
+    reasons = ["the pollers are not running"]
+    task = asyncio.create_task(keep_alive(notifier, lambda: reasons, lambda: "state: fine"))
+    got: list[dict[str, str]] = []
+    try:
+        await eventually(lambda: len(drain(sock, got)) >= 3, timeout=10, what="three status updates")
+        reasons.clear()  # healthy again: pinged again
+        await eventually(lambda: any("WATCHDOG" in m for m in drain(sock, got)), timeout=10, what="a ping")
+    finally:
+        task.cancel()
+    first = got[:3]
+    assert all(m == {"STATUS": "the pollers are not running"} for m in first)
+    assert {"WATCHDOG": "1", "STATUS": "state: fine"} in got[3:]
+
+
+def test_nothing_is_sent_outside_systemd() -> None:
+    notifier = Notifier({})
+    assert not notifier.active
+    assert notifier.watchdog is None
+    notifier.send(READY="1")  # (nowhere to send: no error either)
