@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, config
+from gateway import __version__, config, logs
 from gateway.errors import ConfigError, GatewayError, OutboxError, OutboxLocked
 
 EXIT_FAILURE = 1  # the gateway cannot go on (e.g. its outbox is unusable): systemd restarts it
@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the gateway with a config file until SIGTERM/Ctrl-C")
     run.add_argument("config", type=Path, help="YAML config file")
+    run.add_argument(
+        "--log-format", choices=["text", "json"], default="text",
+        help="text (default; under systemd without timestamps, which the journal adds) or json: "
+        "one object a line, for log shippers",
+    )  # fmt: skip
 
     check = sub.add_parser("check", help="validate config files; exit 0 if all are valid, 2 if not")
     check.add_argument("config", type=Path, nargs="+", help="YAML config file(s)")
@@ -180,12 +185,10 @@ def _sparkplug_parser(sub: Any) -> None:
     )
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.formatter(log_format, os.environ))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # pymodbus logs every failed connect at ERROR, asyncua a traceback per lost connection;
     # our poller reports each state change once.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
@@ -253,7 +256,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _outbox_stats(args.file, as_json=args.json)
     if args.command == "run":
         settings = config.load(args.config)
-        _logging("debug" if args.verbose else settings.gateway.log_level)
+        _logging("debug" if args.verbose else settings.gateway.log_level, args.log_format)
         from gateway.app import run
 
         asyncio.run(run(settings))

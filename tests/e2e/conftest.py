@@ -16,14 +16,16 @@ import pytest
 import yaml
 
 RunGateway = Callable[..., "GatewayProcess"]
-"""`run_gateway(config_dict, env=None)`: env, if given, is added to the child's environment."""
+"""`run_gateway(config_dict, env=None, args=())`: env, if given, is added to the child's
+environment; args go after `millwright run CONFIG`."""
 
 
 class GatewayProcess:
     """`millwright run` in a child process, with its log kept for failure messages."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.config = config
+        self._args = args
         self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
         self._env = None if env is None else {**os.environ, **env}
@@ -31,7 +33,7 @@ class GatewayProcess:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", str(self.config)],
+                [sys.executable, "-m", "gateway", "run", str(self.config), *self._args],
                 stdout=log,
                 stderr=log,
                 env=self._env,
@@ -67,10 +69,12 @@ def run_gateway(tmp_path: Path) -> Iterator[RunGateway]:
     every gateway still running at teardown is killed."""
     made: list[GatewayProcess] = []
 
-    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
+    def start(
+        config: dict[str, Any], env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> GatewayProcess:
         path = tmp_path / f"gateway-{len(made)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        process = GatewayProcess(path, env)
+        process = GatewayProcess(path, env, args)
         made.append(process)
         process.start()
         return process

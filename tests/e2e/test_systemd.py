@@ -1,12 +1,17 @@
 """Under systemd: the notify protocol on a real datagram socket, as systemd listens for it
-(READY=1 once running, WATCHDOG=1 while healthy, STATUS= the summary, STOPPING=1)."""
+(READY=1 once running, WATCHDOG=1 while healthy, STATUS= the summary, STOPPING=1), and the
+log lines for the journal; and JSON logs for shippers."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,3 +96,41 @@ def test_nothing_is_sent_outside_systemd() -> None:
     assert not notifier.active
     assert notifier.watchdog is None
     notifier.send(READY="1")  # (nowhere to send: no error either)
+
+
+def _config(press: ModbusSimulator, mosquitto: Mosquitto, tmp_path: Path) -> dict[str, Any]:
+    return {
+        "gateway": {"id": "edge-log", "enterprise": "acme", "site": "s", "area": "a", "line": "l"},
+        "outbox": {"path": str(tmp_path / "outbox.db")},
+        "http": {"enabled": False},
+        "mqtt": {"url": mosquitto.url},
+        "devices": [{"name": "press-1", "protocol": "modbus", "host": "127.0.0.1", "port": press.port,
+                     "poll": "100ms", "tags": [{"name": "t", "table": "holding", "address": 0}]}],
+    }  # fmt: skip
+
+
+async def test_journal_lines_carry_a_priority_and_no_timestamp(
+    press: ModbusSimulator, mosquitto: Mosquitto, run_gateway: RunGateway, tmp_path: Path
+) -> None:
+    gateway = run_gateway(_config(press, mosquitto, tmp_path), env={"JOURNAL_STREAM": "8:12345"})
+    await eventually(lambda: "connected to mqtt://" in gateway.text(), timeout=20, what="a connect logged")
+    assert await gateway.terminate() == 0
+    lines = gateway.text().splitlines()
+    assert lines
+    assert all(re.match(r"<[2-7]>(DEBUG|INFO|WARNING|ERROR|CRITICAL) +gateway\.", line) for line in lines), (
+        lines
+    )
+    assert any(line.startswith("<6>INFO    gateway.app: gateway edge-log running") for line in lines)
+
+
+async def test_json_logs_are_one_object_a_line(
+    press: ModbusSimulator, mosquitto: Mosquitto, run_gateway: RunGateway, tmp_path: Path
+) -> None:
+    gateway = run_gateway(_config(press, mosquitto, tmp_path), args=("--log-format", "json"))
+    await eventually(lambda: "connected to mqtt://" in gateway.text(), timeout=20, what="a connect logged")
+    assert await gateway.terminate() == 0
+    docs = [json.loads(line) for line in gateway.text().splitlines()]
+    assert all(set(d) >= {"time", "level", "logger", "message"} for d in docs)
+    running = next(d for d in docs if d["message"].startswith("gateway edge-log running"))
+    assert (running["level"], running["logger"]) == ("info", "gateway.app")
+    assert datetime.fromisoformat(running["time"]).utcoffset() == timedelta(0)
