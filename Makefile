@@ -29,7 +29,8 @@ fuzz: $(BIN)/.installed
 
 # test-tools: mosquitto is the real broker the tests start on free ports (openssl makes their TLS
 # certificates, protoc cross-checks the Sparkplug encoding, socat makes virtual serial lines, mbpoll
-# is a third-party Modbus RTU master). Installed with apt-get when
+# is a third-party Modbus RTU master, chromium the browser that Playwright drives through the
+# status page: Debian's, never a download). Installed with apt-get when
 # missing and we are root; otherwise say how.
 test-tools:
 	@missing=""; \
@@ -38,6 +39,7 @@ test-tools:
 	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
 	command -v socat >/dev/null || missing="$$missing socat"; \
 	command -v mbpoll >/dev/null || missing="$$missing mbpoll"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  $(call apt_install,$$missing); \
 	fi

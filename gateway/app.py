@@ -193,8 +193,11 @@ async def cancel(tasks: list[asyncio.Task[None]]) -> None:
 class Gateway:
     """Runs one configuration until `stop()`; on the way out commits, says offline, disconnects."""
 
-    def __init__(self, settings: Settings, *, report_every: float = REPORT_EVERY) -> None:
+    def __init__(
+        self, settings: Settings, *, report_every: float = REPORT_EVERY, config_file: str | None = None
+    ) -> None:
         self.settings = settings
+        self.config_file = config_file  # for the status page
         self._stop = asyncio.Event()
         self._report_every = report_every  # seconds between the state summary lines
         self.state: State | None = None  # made by run(): devices, output, latest values
@@ -226,7 +229,7 @@ class Gateway:
         if s.http.enabled:
             from gateway.http.server import Sources, StatusServer  # aiohttp: only when serving
 
-            sources = Sources(lambda: self.state, lambda: self.outbox, self.not_ready)
+            sources = Sources(lambda: self.state, lambda: self.outbox, self.not_ready, self.config_file)
             server = StatusServer(s.http, sources, s.gateway.id)
             await server.start()
         try:
@@ -333,9 +336,9 @@ def _output(
     return _Output(output, FORMATS[output.format](OutputContext(s, output, outbox, collectors)))
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, config_file: str | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, config_file=config_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.stop)

@@ -259,7 +259,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _logging("debug" if args.verbose else settings.gateway.log_level, args.log_format)
         from gateway.app import run
 
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, str(args.config.resolve())))
         return 0
     if args.command == "sparkplug":
         return _sparkplug_decode(args.file, hex_lines=args.hex, topic=args.topic)

@@ -94,6 +94,8 @@ async def demo(broker: str | None, duration: float | None) -> int:
             print(f"Modbus simulator on 127.0.0.1:{sim.port}", file=sys.stderr)
             print(f"OPC UA simulator at {opcua.endpoint}", file=sys.stderr)
             print(f"{kind} at {url}", file=sys.stderr)
+            if settings.http.enabled:
+                print(f"Status page: http://{settings.http.listen}/", file=sys.stderr)
             print(
                 f"Readings published under {settings.gateway.enterprise}/...; Ctrl-C stops.\n",
                 file=sys.stderr,

@@ -109,7 +109,9 @@ async def _read_forever(
     loop = asyncio.get_running_loop()
     due = loop.time()
     while True:
+        started = loop.time()
         readings = await collector.read()
+        state.last_read = loop.time() - started
         if told := collector.told():  # (before the values they type)
             readings = [*told, *readings]
         outage.connected(collector)

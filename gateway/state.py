@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.model import EVENT, Reading
+from gateway.model import EVENT, Quality, Reading
 
 if TYPE_CHECKING:
     from gateway.outbox import Outbox, OutboxStats
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 # browsed OPC UA nodes may not be). Past the cap such readings still
 # go to the outbox; only their latest value is not kept, and that is logged once.
 UNCONFIGURED_TAGS = 1_000
+
+# Samples kept per numeric tag for the status page's trend lines: two minutes at one a second.
+HISTORY = 120
 
 # Down devices named in the summary line; the rest are counted ("+3 more").
 NAMED_DOWN = 3
@@ -66,6 +71,7 @@ class DeviceState:
     read_errors: int = 0  # failed connects and reads
     missed: int = 0  # ticks skipped because a read overran its interval
     connections: int = 0  # connections that read
+    last_read: float | None = None  # seconds the last good read took
 
     @property
     def reconnects(self) -> int:
@@ -131,6 +137,8 @@ class State:
         self.outputs: dict[str, OutputState] = {}
         self.outbox: OutboxStats | None = None  # as of the last refresh()
         self.latest: dict[tuple[str, str], Reading] = {}
+        # Recent numeric values per tag, (timestamp, value), sampled from `latest` (sample()).
+        self.history: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self.readings = 0  # taken in since the start
         self.readings_of: dict[str, int] = {}  # the same, by device
         self._configured = frozenset(tags)
@@ -194,12 +202,32 @@ class State:
                     break
         for key in doomed:
             del self.latest[key]
+            self.history.pop(key, None)
         if not self._capped:
             self._capped = True
             device, tag = doomed[0]
             log.warning("latest values of more than %d unconfigured tags are not kept (e.g. %s/%s); "
                         "their readings are still stored and published", self._limit - len(self._configured),
                         device, tag)  # fmt: skip
+
+    def sample(self) -> None:
+        """Add each tag's latest numeric value to its history, once per value: called once a
+        second by the status server, so that the cost is per tag, not per reading."""
+        history = self.history
+        for key, r in self.latest.items():
+            value = r.value
+            # (type(), not isinstance(): a bool is no trend)
+            if not (type(value) is int or type(value) is float) or r.quality is Quality.BAD:
+                continue
+            number = float(value)
+            if not math.isfinite(number):
+                continue
+            ring = history.get(key)
+            if ring is None:
+                ring = history[key] = deque(maxlen=HISTORY)
+            elif ring[-1][0] == r.timestamp:
+                continue  # no new value since the last sample
+            ring.append((r.timestamp, number))
 
     def sink(self, then: Sink) -> Sink:
         """A sink for the pollers: folds each batch, then hands it to `then` (the outbox)."""

@@ -1,4 +1,5 @@
-"""The status server: `/livez`, `/readyz`, `/metrics`, `/api/status`, `/api/devices/{name}`.
+"""The status server: the page `/` (live by Server-Sent Events from `/api/events`), `/livez`,
+`/readyz`, `/metrics`, `/api/status`, `/api/devices/{name}`.
 
 aiohttp in the gateway's event loop (its own signal handling off: the gateway has its own).
 Everything is read from the engine's `State`, and the outbox figures from `Outbox.stats()` at
@@ -8,14 +9,20 @@ answers 500, and a port that is taken leaves the gateway running without the ser
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
+import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +44,11 @@ OPEN = frozenset({"/livez", "/readyz"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# The page and the event stream move on once a second; so does the trend lines' sampling.
+TICK = 1.0
+PAGE = resources.files("gateway.http").joinpath("static", "index.html")
+
+
 @dataclass(slots=True)
 class Sources:
     """What the server reads, each asked at every request: the engine makes them as it
@@ -45,6 +57,7 @@ class Sources:
     state: Callable[[], State | None]
     outbox: Callable[[], Outbox | None]
     not_ready: Callable[[], list[str]]  # why the gateway is not ready; empty when it is
+    config_file: str | None = None
 
 
 class StatusServer:
@@ -60,7 +73,13 @@ class StatusServer:
         self._token = settings.token()
         self._runner: web.AppRunner | None = None
         self._registry: tuple[State, CollectorRegistry] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._tick = asyncio.Event()  # set, and replaced, at every tick
+        self._listeners = 0  # open event streams
+        self._closing = False
         app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self._page)
+        app.router.add_get("/api/events", self._events)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -70,7 +89,8 @@ class StatusServer:
 
     async def start(self) -> bool:
         """Listen; False (logged) if the address cannot be had: the gateway runs on without."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # A page left open must not hold up the gateway's stop: its stream ends at once.
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         s = self._settings
         try:
@@ -81,10 +101,18 @@ class StatusServer:
                       s.listen, exc.strerror or exc)  # fmt: skip
             return False
         self._runner = runner
+        self._ticker = asyncio.create_task(self._ticking(), name="http ticker")
         log.info("http: status server on http://%s/ (health /livez /readyz, metrics /metrics)", s.listen)
         return True
 
     async def stop(self) -> None:
+        self._closing = True
+        self._tick.set()  # the event streams see it and end
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -116,6 +144,56 @@ class StatusServer:
             return same_user and same_password
         return False
 
+    async def _ticking(self) -> None:
+        """Once a second: sample the trend lines, and wake the event streams (with fresh
+        outbox figures when someone is listening: one query for all of them)."""
+        while True:
+            await asyncio.sleep(TICK)
+            state, outbox = self._sources.state(), self._sources.outbox()
+            if state is None:
+                continue
+            state.sample()
+            if self._listeners and outbox is not None:
+                state.refresh(await outbox.stats())
+            tick, self._tick = self._tick, asyncio.Event()
+            tick.set()
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return web.Response(text=PAGE.read_text(encoding="utf-8"), content_type="text/html", charset="utf-8")
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """`event: status` with the page's snapshot, once a second, until the client goes."""
+        state = await self._state()
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        self._listeners += 1
+        try:
+            while not self._closing:
+                data = json.dumps(self._snapshot(state), separators=(",", ":"), allow_nan=False)
+                await response.write(f"event: status\ndata: {data}\n\n".encode())
+                await self._tick.wait()
+        except ConnectionResetError:
+            pass  # the page was closed
+        finally:
+            self._listeners -= 1
+        return response
+
+    def _snapshot(self, state: State) -> dict[str, Any]:
+        """Everything the page shows: the status, each device's tags, their trend lines."""
+        doc = self._status_of(state)
+        tags: dict[str, list[dict[str, Any]]] = {}
+        for (device, tag), r in state.latest.items():
+            entry = _reading(r)
+            ring = state.history.get((device, tag))
+            if ring:
+                entry["trend"] = [v for _, v in ring]
+            tags.setdefault(device, []).append(entry)
+        for device in doc["devices"]:
+            device["tags"] = tags.get(device["name"], [])
+        return doc
+
     async def _livez(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")  # it answers: the event loop turns
 
@@ -143,20 +221,30 @@ class StatusServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, request: web.Request) -> web.Response:
-        state = await self._state()
+        return web.json_response(self._status_of(await self._state()))
+
+    def _status_of(self, state: State) -> dict[str, Any]:
         now = time.time()
         o = state.outbox
         outbox = None if o is None else {
             "depth": o.depth, "oldest_age": o.oldest_age, "dropped": o.dropped, "bytes": o.bytes,
             "last_seq": o.last_seq,
         }  # fmt: skip
-        return web.json_response({
+        if outbox is not None and (path := self._outbox_path()) is not None:
+            with suppress(OSError):
+                outbox["free_disk"] = shutil.disk_usage(path.parent).free
+        return {
             "gateway": {"id": self._id, "version": __version__, "started": iso_millis(state.started),
-                        "uptime": round(now - state.started, 3), "readings": state.readings},
+                        "uptime": round(now - state.started, 3), "readings": state.readings,
+                        "config_file": self._sources.config_file},
             "devices": [_device(d, state) for d in state.devices.values()],
             "outputs": [_output(out) for out in state.outputs.values()],
             "outbox": outbox,
-        })  # fmt: skip
+        }  # fmt: skip
+
+    def _outbox_path(self) -> Path | None:
+        outbox = self._sources.outbox()
+        return None if outbox is None else outbox.path
 
     async def _device(self, request: web.Request) -> web.Response:
         state = await self._state()
@@ -173,6 +261,7 @@ def _device(d: DeviceState, state: State) -> dict[str, Any]:
         "name": d.name, "protocol": d.protocol, "up": d.up, "since": iso_millis(d.since),
         "last_error": d.last_error, "reads": d.reads, "read_errors": d.read_errors, "missed": d.missed,
         "connections": d.connections, "readings": state.readings_of.get(d.name, 0),
+        "last_read": d.last_read,
     }  # fmt: skip
 
 

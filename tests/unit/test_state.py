@@ -12,7 +12,7 @@ import pytest
 from gateway.app import cancel
 from gateway.model import Quality, Reading
 from gateway.outbox import Outbox, OutboxStats, OutputStats
-from gateway.state import DeviceState, OutputState, State, report
+from gateway.state import HISTORY, DeviceState, OutputState, State, report
 from tests.helpers import eventually
 
 T0 = 1_800_000_000.0
@@ -181,3 +181,23 @@ async def test_report_logs_the_summary_with_the_outbox_figures(
     assert state.outbox is not None
     assert state.outbox.depth == 2
     assert state.outbox.bytes > 0
+
+
+def test_the_trend_history_samples_numbers_once_per_value_and_stays_bounded() -> None:
+    state = State([("p", "t"), ("p", "flag"), ("p", "text")])
+    for i in range(HISTORY + 30):
+        state.fold([
+            replace(reading("p", "t", float(i)), read_time=1000.0 + i),
+            replace(reading("p", "flag"), value=True, read_time=1000.0 + i),
+            replace(reading("p", "text"), value="on", read_time=1000.0 + i),
+        ])  # fmt: skip
+        state.sample()
+        state.sample()  # no new value meanwhile: nothing added
+    ring = state.history[("p", "t")]
+    assert [v for _, v in ring] == [float(i) for i in range(30, HISTORY + 30)]
+    assert ("p", "flag") not in state.history  # a switch, or a text, has no trend line
+    assert ("p", "text") not in state.history
+    # A Bad reading (no value) is a gap, not a zero.
+    state.fold([replace(reading("p", "t"), value=None, quality=Quality.BAD, read_time=5000.0)])
+    state.sample()
+    assert ring[-1] == (1000.0 + HISTORY + 29, float(HISTORY + 29))
