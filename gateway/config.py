@@ -223,8 +223,8 @@ def _check_topics(
     for topic, key in _published_topics(output, gateway, devices):
         problem = topics.limit_problem(topic, p.topic_bytes, p.topic_slashes, p.free_prefix)
         if problem is not None:
-            fix = "give topic: a shorter template" if key == ("topic",) else "shorten the names in it"
-            where = key if key[0] == "gateway" else (*loc, *key)  # the gateway's keys are its own
+            fix = "give topic: a shorter template" if key in ((), ("topic",)) else "shorten the names in it"
+            where = key if key[:1] == ("gateway",) else (*loc, *key)  # the gateway's keys are its own
             raise ProblemAt(where, f"the topic {shown(topic, 100)} {problem}, which {p.title} refuses: {fix}")
 
 
@@ -243,15 +243,17 @@ def _published_topics(
     if not output.profile.own_topic:
         return  # the platform's own topic
     template = output.template
+    # The template's key, or the output's when it has the default template (no topic: key).
+    key: tuple[str, ...] = ("topic",) if output.topic is not None else ()
     if output.profile.status:
         yield f"{g.enterprise}/{g.site}/_gateway/{g.id}/status", ("gateway", "id")
     for d in devices:
         asset = asset_of(g, d)
         tags = [t.name for t in d.tags] if "tag" in template.fields else []
         for tag in [*tags, "_meta"] if tags else [""]:
-            yield template.render(asset, g.id, tag), ("topic",)
+            yield template.render(asset, g.id, tag), key
         if not tags and output.profile.status:
-            yield f"{template.render(asset, g.id)}/_meta", ("topic",)
+            yield f"{template.render(asset, g.id)}/_meta", key
 
 
 def asset_of(gateway: GatewaySettings, device: DeviceSettings) -> AssetPath:

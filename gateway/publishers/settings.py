@@ -224,7 +224,8 @@ class MqttSettings(Model):
         p = PLATFORMS.get(name)
         if p is None:
             return data
-        defaults: dict[str, Any] = {"version": p.versions[0]}
+        # (IoT Hub takes batch only: a hub output without format: is batch.)
+        defaults: dict[str, Any] = {"version": p.versions[0], "format": p.formats[0]}
         if p.max_inflight is not None:
             defaults["max_inflight"] = min(p.max_inflight, cls.model_fields["max_inflight"].default)
         if p.max_message_bytes is not None:

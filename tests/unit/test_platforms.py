@@ -95,6 +95,13 @@ def test_a_sas_token_is_renewed_before_it_expires(lifetime: float, renewed_after
     assert azure.renew_after == renewed_after
 
 
+def test_an_iot_hub_output_without_format_is_batch() -> None:
+    azure = {"hub": "myhub.azure-devices.net", "device_id": "edge-1", "device_key_file": "/k"}
+    hub = {"platform": "azure-iot-hub", "url": "mqtts://myhub.azure-devices.net:8883", "azure": azure}
+    (_, output), = _config(hub).resolved_outputs()  # fmt: skip
+    assert output.format == "batch"
+
+
 def test_aws_defaults_follow_the_platform() -> None:
     (aws,) = _config(_aws(format="batch")).resolved_outputs()
     output = aws[1]
@@ -141,7 +148,8 @@ def test_the_topic_limits_are_checked_on_every_topic_the_config_makes() -> None:
     # Within 7 slashes as a template, too long once the names are in: 258 bytes.
     long_tag = [{"name": "t" * 120, "table": "holding", "address": 0, "type": "float32"}]
     problem = _problem(_aws(), tags=long_tag, asset={"area": "a" * 110})
-    assert problem.startswith("outputs[0].topic: the topic acme/plant1/"), problem
+    # No topic: key to name (the default template): the output itself.
+    assert problem.startswith("outputs[0]: the topic acme/plant1/"), problem
     assert "bytes, more than 256, which AWS IoT Core refuses: give topic: a shorter template" in problem
     # The same on a generic broker is fine: it has no such limit.
     config.parse(_text({"url": "mqtt://h"}, tags=long_tag, asset={"area": "a" * 100}), "p.yaml", env={})
