@@ -203,18 +203,21 @@ class Gateway:
         self.state: State | None = None  # made by run(): devices, output, latest values
         self.outbox: Outbox | None = None  # open while run() runs
         self._polling = False  # the pollers run
+        self._running: list[asyncio.Task[None]] = []  # pollers and forward loops, while they should run
 
     def stop(self) -> None:
         self._stop.set()
 
     def not_ready(self) -> list[str]:
-        """Why the gateway is not ready (`/readyz`); empty when it is. A broker that is
-        away is no reason: the outbox keeps buffering meanwhile."""
+        """Why the gateway is not ready (`/readyz`, and no watchdog ping); empty when it
+        is. A broker that is away is no reason: the outbox keeps buffering meanwhile."""
         reasons = []
         if self.outbox is None:
             reasons.append("the outbox is not open (yet)")
         if not self._polling:
             reasons.append("the pollers are not running")
+        # A poller or a forward loop runs until the gateway stops: one that ended is a bug.
+        reasons += [f"{t.get_name()} ended" for t in self._running if t.done()]
         return reasons
 
     async def run(self) -> None:
@@ -226,19 +229,21 @@ class Gateway:
         # The status server once the outbox is ours: a second gateway started on the same
         # outbox by mistake then says that, and nothing about a port the first one holds.
         server = None
-        if s.http.enabled:
-            from gateway.http.server import Sources, StatusServer  # aiohttp: only when serving
-
-            sources = Sources(lambda: self.state, lambda: self.outbox, self.not_ready, self.config_file)
-            server = StatusServer(s.http, sources, s.gateway.id)
-            await server.start()
         try:
+            if s.http.enabled:
+                from gateway.http.server import Sources, StatusServer  # aiohttp: only when serving
+
+                sources = Sources(lambda: self.state, lambda: self.outbox, self.not_ready, self.config_file)
+                server = StatusServer(s.http, sources, s.gateway.id)
+                await server.start()
             await self._run(outbox)
         finally:
-            if server is not None:
-                await server.stop()
-            self.outbox = None
-            await outbox.close()
+            try:
+                if server is not None:
+                    await server.stop()
+            finally:
+                self.outbox = None
+                await outbox.close()
         log.info("gateway %s stopped", s.gateway.id)
 
     async def _run(self, outbox: Outbox) -> None:
@@ -264,6 +269,7 @@ class Gateway:
                 ]  # fmt: skip
                 reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
                 self._polling = True
+                self._running = [*pollers, *loops]
                 notifier = Notifier()
                 watchdog = []
                 if notifier.active:
@@ -278,6 +284,7 @@ class Gateway:
                 )  # fmt: skip
                 await self._stop.wait()
                 self._polling = False
+                self._running = []
                 notifier.send(STOPPING="1")
                 # Collectors first, so every reading they made is committed before we leave;
                 # the report with them, as it reads the outbox.

@@ -8,6 +8,7 @@ or its shorthand `mqtt:`. `ConfigFile` is the file as written, `Settings` what l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from gateway.settings_types import (
     Segment,
     check_unique,
     home,
+    read_secret,
     resolve_file,
     shown,
 )
@@ -422,6 +424,11 @@ def _resolve_files(doc: ConfigFile, file: str) -> Settings:
         for key in ("password_file", "token_file")
         if (value := getattr(doc.http, key)) is not None
     }
+    for key, path in secrets.items():
+        # The secret is the first line: an empty one would let in anybody who sends nothing.
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if path.is_file() and not read_secret(None, path):
+                problems.append(f"http.{key}: the first line of {shown(path)} is empty: put the secret there")
     if problems:
         raise ConfigError(file, problems)
     gateway = doc.gateway

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -17,12 +18,24 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import config
 from gateway.app import Gateway
-from gateway.broker import LocalBroker
+from gateway.broker import LocalBroker, free_port
 from simulators.modbus import ModbusSimulator
 from simulators.opcua import OpcUaSimulator
 
 # Packaged with the gateway (in the source tree a link to config/demo.yaml).
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
+
+
+def _own_status_port(settings: config.Settings) -> config.Settings:
+    """The demo's status page on its usual port, or on a free one when that is taken (by a
+    gateway installed as a service, say): the address printed must be the demo's."""
+    http = settings.http
+    with socket.socket() as probe:
+        try:
+            probe.bind((http.host, http.port))
+        except OSError:
+            http = http.model_copy(update={"listen": f"{http.host}:{free_port()}"})
+    return settings.model_copy(update={"http": http})
 
 
 def _settings(modbus_port: int, opcua: str, broker_url: str, version: str, outbox: Path) -> config.Settings:
@@ -91,6 +104,7 @@ async def demo(broker: str | None, duration: float | None) -> int:
             else:
                 url, version, kind = broker, "5", "broker"
             settings = _settings(sim.port, opcua.endpoint, url, version, Path(tmp) / "outbox.db")
+            settings = _own_status_port(settings)
             print(f"Modbus simulator on 127.0.0.1:{sim.port}", file=sys.stderr)
             print(f"OPC UA simulator at {opcua.endpoint}", file=sys.stderr)
             print(f"{kind} at {url}", file=sys.stderr)

@@ -97,6 +97,7 @@ async def poll(
                 status = Status.BAD_TIMEOUT if timeout else Status.BAD_COMMUNICATION_ERROR
                 now = time.time()
                 bad = collector.unavailable(status, now)  # (buffered values first, if any)
+                state.readings += len(bad)
                 await sink([*collector.told(), *bad, state_event(collector.name, DOWN, now)])
         finally:
             await collector.close()
@@ -112,6 +113,7 @@ async def _read_forever(
         started = loop.time()
         readings = await collector.read()
         state.last_read = loop.time() - started
+        state.readings += len(readings)
         if told := collector.told():  # (before the values they type)
             readings = [*told, *readings]
         outage.connected(collector)

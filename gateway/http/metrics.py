@@ -42,7 +42,7 @@ class StateCollector(Collector):
             reads.add_metric([name], d.reads)
             errors.add_metric([name], d.read_errors)
             missed.add_metric([name], d.missed)
-            readings.add_metric([name], s.readings_of.get(name, 0))
+            readings.add_metric([name], d.readings)
         yield from (up, reads, errors, missed, readings)
 
         connected = GaugeMetricFamily("millwright_output_connected", "1 while connected.", labels=["output"])

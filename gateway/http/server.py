@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
@@ -33,7 +34,7 @@ from gateway import __version__
 from gateway.http.metrics import registry
 from gateway.http.settings import HttpSettings
 from gateway.model import Reading, iso_millis
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, OutboxStats
 from gateway.state import DeviceState, OutputState, State
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The page and the event stream move on once a second; so does the trend lines' sampling.
 TICK = 1.0
+# Pages open at once (event streams): each costs the loop a write a tick.
+MAX_STREAMS = 8
 PAGE = resources.files("gateway.http").joinpath("static", "index.html")
 
 
@@ -76,6 +79,9 @@ class StatusServer:
         self._ticker: asyncio.Task[None] | None = None
         self._tick = asyncio.Event()  # set, and replaced, at every tick
         self._listeners = 0  # open event streams
+        self._event: bytes | None = None  # the streams' next event, made once a tick
+        self._stats: asyncio.Future[OutboxStats] | None = None  # the outbox query under way, or the last
+        self._stats_at = 0.0
         self._closing = False
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/", self._page)
@@ -106,6 +112,8 @@ class StatusServer:
         return True
 
     async def stop(self) -> None:
+        """Close every connection (event streams end at once) and stop listening. Never
+        raises: the gateway's own shutdown goes on after it."""
         self._closing = True
         self._tick.set()  # the event streams see it and end
         if self._ticker is not None:
@@ -113,67 +121,109 @@ class StatusServer:
             with suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
+        if self._stats is not None and not self._stats.done():
+            self._stats.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN or (self._user is None and self._token is None):
+        if request.path in OPEN:
+            return await handler(request)
+        if self._user is None and self._token is None:
+            # No credentials: loopback only (the config refuses more), and by a loopback
+            # name, so that a web page in a browser on this machine cannot reach it through a
+            # name of its own that resolves here (DNS rebinding).
+            host = request.host
+            if host not in _LOOPBACK_NAMES and host.rpartition(":")[0] not in _LOOPBACK_NAMES:
+                return web.Response(
+                    status=403, text="this server answers to 127.0.0.1, localhost or [::1] only\n"
+                )
             return await handler(request)
         if self._allowed(request.headers.get("Authorization", "")):
             return await handler(request)
-        return web.Response(
-            status=401,
-            text="credentials required\n",
-            headers={"WWW-Authenticate": 'Basic realm="millwright"'},
-        )
+        # A browser asks for a user name and password only when offered Basic: a token is for
+        # machines (Prometheus, scripts).
+        offer = {"WWW-Authenticate": 'Basic realm="millwright"'} if self._user is not None else {}
+        return web.Response(status=401, text="credentials required\n", headers=offer)
 
     def _allowed(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and self._token is not None:
-            return hmac.compare_digest(value.strip().encode(), self._token.encode())
-        if scheme.lower() == "basic" and self._user is not None and self._password is not None:
+        if scheme.lower() == "bearer" and self._token:  # (an empty secret lets nobody in)
+            return _same(value.strip(), self._token)
+        if scheme.lower() == "basic" and self._user is not None and self._password:
             try:
                 user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 return False
             # Both compared, whatever the first says: the time taken tells nothing.
-            same_user = hmac.compare_digest(user.encode(), self._user.encode())
-            same_password = hmac.compare_digest(password.encode(), self._password.encode())
+            same_user = _same(user, self._user)
+            same_password = _same(password, self._password)
             return same_user and same_password
         return False
 
     async def _ticking(self) -> None:
-        """Once a second: sample the trend lines, and wake the event streams (with fresh
-        outbox figures when someone is listening: one query for all of them)."""
-        while True:
-            await asyncio.sleep(TICK)
-            state, outbox = self._sources.state(), self._sources.outbox()
-            if state is None:
-                continue
-            state.sample()
-            if self._listeners and outbox is not None:
-                state.refresh(await outbox.stats())
+        """Once a second: sample the trend lines, and make the event streams' next event
+        (once for all of them, with fresh outbox figures). A tick that fails is logged and the
+        next one tries again: the page may freeze, the gateway must not care."""
+        failed = False
+        while not self._closing:
+            started = time.monotonic()
+            try:
+                self._turn()
+                if self._listeners:
+                    await self._fresh_outbox()
+                    state = self._sources.state()
+                    if state is not None:
+                        self._event = _event(self._snapshot(state))
+            except Exception:
+                if not failed:
+                    log.exception("http: the status page's update failed; trying again every second")
+                failed = True
+            else:
+                failed = False
             tick, self._tick = self._tick, asyncio.Event()
             tick.set()
+            # A large gateway's snapshot takes long to make: then the page moves on less often,
+            # so that the event loop spends a tenth of its time on it at most.
+            await asyncio.sleep(max(TICK, 10 * (time.monotonic() - started)))
+
+    def _turn(self) -> None:
+        state = self._sources.state()
+        if state is not None:
+            state.sample()
+
+    async def _fresh_outbox(self) -> None:
+        """Fresh outbox figures in the state: one query a second at most, shared by every
+        request that wants them (the query holds the outbox's lock, which appends need)."""
+        state, outbox = self._sources.state(), self._sources.outbox()
+        if state is None or outbox is None:
+            return
+        if self._stats is None or (self._stats.done() and time.monotonic() - self._stats_at >= TICK):
+            self._stats_at = time.monotonic()
+            self._stats = asyncio.ensure_future(outbox.stats())
+        state.refresh(await asyncio.shield(self._stats))
 
     async def _page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE.read_text(encoding="utf-8"), content_type="text/html", charset="utf-8")
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        """`event: status` with the page's snapshot, once a second, until the client goes."""
+        """`event: status` with the page's snapshot at every tick, until the client goes."""
         state = await self._state()
+        if self._listeners >= MAX_STREAMS:
+            raise web.HTTPServiceUnavailable(text=f"{MAX_STREAMS} pages are open already\n")
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         self._listeners += 1
         try:
+            await response.write(_event(self._snapshot(state)))  # the first at once
             while not self._closing:
-                data = json.dumps(self._snapshot(state), separators=(",", ":"), allow_nan=False)
-                await response.write(f"event: status\ndata: {data}\n\n".encode())
                 await self._tick.wait()
+                if self._event is not None and not self._closing:
+                    await response.write(self._event)
         except ConnectionResetError:
             pass  # the page was closed
         finally:
@@ -187,8 +237,8 @@ class StatusServer:
         for (device, tag), r in state.latest.items():
             entry = _reading(r)
             ring = state.history.get((device, tag))
-            if ring:
-                entry["trend"] = [v for _, v in ring]
+            if ring is not None:
+                entry["trend"] = ring.values()
             tags.setdefault(device, []).append(entry)
         for device in doc["devices"]:
             device["tags"] = tags.get(device["name"], [])
@@ -208,9 +258,7 @@ class StatusServer:
         state = self._sources.state()
         if state is None:
             raise web.HTTPServiceUnavailable(text="starting\n")
-        outbox = self._sources.outbox()
-        if outbox is not None:
-            state.refresh(await outbox.stats())
+        await self._fresh_outbox()
         return state
 
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -236,6 +284,7 @@ class StatusServer:
         return {
             "gateway": {"id": self._id, "version": __version__, "started": iso_millis(state.started),
                         "uptime": round(now - state.started, 3), "readings": state.readings,
+                        "now": iso_millis(now),
                         "config_file": self._sources.config_file},
             "devices": [_device(d, state) for d in state.devices.values()],
             "outputs": [_output(out) for out in state.outputs.values()],
@@ -256,11 +305,27 @@ class StatusServer:
         return web.json_response({**_device(device, state), "tags": tags})
 
 
+# How a server without credentials may be named in a request's Host (with its port).
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def _same(given: str, secret: str) -> bool:
+    """Whether `given` is `secret`, in a time that tells neither it nor its length."""
+    return hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(), hashlib.sha256(secret.encode()).digest()
+    )
+
+
+def _event(snapshot: dict[str, Any]) -> bytes:
+    data = json.dumps(snapshot, separators=(",", ":"), allow_nan=False)
+    return f"event: status\ndata: {data}\n\n".encode()
+
+
 def _device(d: DeviceState, state: State) -> dict[str, Any]:
     return {
         "name": d.name, "protocol": d.protocol, "up": d.up, "since": iso_millis(d.since),
         "last_error": d.last_error, "reads": d.reads, "read_errors": d.read_errors, "missed": d.missed,
-        "connections": d.connections, "readings": state.readings_of.get(d.name, 0),
+        "connections": d.connections, "readings": d.readings,
         "last_read": d.last_read,
     }  # fmt: skip
 

@@ -22,7 +22,6 @@ from gateway.broker import free_port
 from gateway.http.metrics import registry
 from gateway.http.server import Sources, StatusServer
 from gateway.http.settings import HttpSettings
-from gateway.model import Quality, Reading
 from gateway.state import State
 from simulators.modbus import ModbusSimulator
 from tests.helpers import Mosquitto, eventually, running
@@ -89,7 +88,7 @@ async def test_health_metrics_and_status_of_a_running_gateway(
         reads = metrics["millwright_device_reads_total"][(("device", "press-1"),)]
         assert 0 < reads <= device.reads
         readings = metrics["millwright_readings_total"][(("device", "press-1"),)]
-        assert 0 < readings <= state.readings
+        assert 0 < readings <= device.readings <= state.readings
         published = metrics["millwright_output_published_total"][(("output", "mqtt"),)]
         assert 20 <= published <= state.outputs["mqtt"].published
     assert metrics["millwright_device_up"] == {(("device", "press-1"), ("protocol", "modbus")): 1.0}
@@ -140,8 +139,42 @@ async def test_credentials_are_asked_for_everything_but_health(
                 assert r.status == 200, path
         async with http.get(base + "/api/status", headers={"Authorization": good}) as r:
             body = await r.text()
+        # The page's event stream too.
+        async with http.get(base + "/api/events") as r:
+            assert r.status == 401
     assert "s3cret" not in body
     assert "t0ken" not in body
+
+
+async def test_without_credentials_only_a_loopback_name_is_answered(
+    press: ModbusSimulator, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A web page that points a name of its own at 127.0.0.1 (DNS rebinding) gets nothing."""
+    port = free_port()
+    text = config(press, mosquitto, tmp_path / "outbox.db", {"listen": f"127.0.0.1:{port}"})
+    async with running(text, tmp_path / "gw.yaml") as gateway, aiohttp.ClientSession() as http:
+        await _wait_for_state(gateway)
+        url = f"http://127.0.0.1:{port}/api/status"
+        async with http.get(url, headers={"Host": f"attacker.example:{port}"}) as r:
+            assert r.status == 403
+        async with http.get(f"http://127.0.0.1:{port}/livez", headers={"Host": "attacker.example"}) as r:
+            assert r.status == 200  # health answers anyone
+        for name in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+            async with http.get(url, headers={"Host": name}) as r:
+                assert r.status == 200, name
+
+
+async def test_a_token_alone_offers_no_password_prompt(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t0ken\n")
+    settings = HttpSettings(listen=f"127.0.0.1:{free_port()}", token_file=tmp_path / "token")
+    server = StatusServer(settings, Sources(lambda: None, lambda: None, list), "gw")
+    assert await server.start()
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://{settings.listen}/api/status") as r:
+            assert r.status == 401
+            assert "WWW-Authenticate" not in r.headers  # a browser would prompt in vain
+    finally:
+        await server.stop()
 
 
 def test_the_metrics_are_the_states_figures() -> None:
@@ -152,8 +185,7 @@ def test_the_metrics_are_the_states_figures() -> None:
     press.reads, press.read_errors, press.missed = 41, 3, 2
     oven.reads, oven.read_errors = 7, 9
     now = time.time()
-    state.fold([Reading("press-1", "t", 1.0, Quality.GOOD, 0, None, now, None)] * 5)
-    state.fold([Reading("oven", "t", 2.0, Quality.GOOD, 0, None, now, None)] * 2)
+    press.readings, oven.readings = 5, 2
     out = state.output("cloud")
     out.up(now)
     out.ack(120, refused=4)

@@ -62,6 +62,15 @@ def test_what_is_refused(http: dict[str, Any], problem: str, tmp_path: Path) -> 
     assert found.replace("Value error, ", "").startswith(problem.replace("Value error, ", "")), found
 
 
+def test_a_secret_file_whose_first_line_is_empty_is_refused(tmp_path: Path) -> None:
+    # An empty secret would let in whoever sends an empty one.
+    (tmp_path / "token").write_text("\nthe-token-on-line-two\n")
+    (problem,) = _problems({"listen": "0.0.0.0:8710", "token_file": "token"}, tmp_path)
+    assert (
+        problem == f"http.token_file: the first line of {tmp_path / 'token'} is empty: put the secret there"
+    )
+
+
 def test_the_network_with_credentials(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
     http = _load({"listen": "0.0.0.0:8710", "username": "ops", "password_file": "pw"}, tmp_path).http

@@ -194,10 +194,11 @@ def test_the_trend_history_samples_numbers_once_per_value_and_stays_bounded() ->
         state.sample()
         state.sample()  # no new value meanwhile: nothing added
     ring = state.history[("p", "t")]
-    assert [v for _, v in ring] == [float(i) for i in range(30, HISTORY + 30)]
+    assert ring.values() == [float(i) for i in range(30, HISTORY + 30)]
     assert ("p", "flag") not in state.history  # a switch, or a text, has no trend line
     assert ("p", "text") not in state.history
     # A Bad reading (no value) is a gap, not a zero.
     state.fold([replace(reading("p", "t"), value=None, quality=Quality.BAD, read_time=5000.0)])
     state.sample()
-    assert ring[-1] == (1000.0 + HISTORY + 29, float(HISTORY + 29))
+    assert ring.values()[-1] == float(HISTORY + 29)
+    assert ring.last == 1000.0 + HISTORY + 29
