@@ -13,6 +13,7 @@ import json
 import os
 import re
 import reprlib
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -424,7 +425,21 @@ def _resolve_files(doc: ConfigFile, file: str) -> Settings:
         for key in ("password_file", "token_file")
         if (value := getattr(doc.http, key)) is not None
     }
+    for key, what in (("cert", "the server certificate file (PEM)"), ("key", "its private key file (PEM)")):
+        if (value := getattr(doc.http, key)) is not None:
+            secrets[key] = resolve_file(base, value, f"http.{key}", what, problems, secret=False)
+    if doc.http.cert is not None and doc.http.key is not None and not problems:
+        try:
+            # (password="": an encrypted key fails here, rather than ask on the terminal)
+            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            server.load_cert_chain(secrets["cert"], secrets["key"], password="")
+        except (OSError, ValueError) as exc:
+            problems.append(
+                f"http.cert: {shown(secrets['cert'])} and http.key: cannot load them as a PEM pair: {exc}"
+            )
     for key, path in secrets.items():
+        if key in ("cert", "key"):
+            continue
         # The secret is the first line: an empty one would let in anybody who sends nothing.
         with contextlib.suppress(OSError, UnicodeDecodeError):
             if path.is_file() and not read_secret(None, path):

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -100,7 +101,11 @@ class StatusServer:
         await runner.setup()
         s = self._settings
         try:
-            await web.TCPSite(runner, s.host, s.port).start()
+            context = None
+            if s.cert is not None and s.key is not None:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(s.cert, s.key, password="")  # (checked at load)
+            await web.TCPSite(runner, s.host, s.port, ssl_context=context).start()
         except OSError as exc:
             await runner.cleanup()
             log.error("http: cannot listen on %s: %s; the gateway runs without its status server",
@@ -108,7 +113,9 @@ class StatusServer:
             return False
         self._runner = runner
         self._ticker = asyncio.create_task(self._ticking(), name="http ticker")
-        log.info("http: status server on http://%s/ (health /livez /readyz, metrics /metrics)", s.listen)
+        log.info(
+            "http: status server on %s://%s/ (health /livez /readyz, metrics /metrics)", s.scheme, s.listen
+        )
         return True
 
     async def stop(self) -> None:

@@ -29,6 +29,8 @@ class HttpSettings(Model):
     token_file: Path | None = Field(
         default=None, description="File whose first line is a bearer token (Authorization: Bearer ...)."
     )
+    cert: Path | None = Field(default=None, description="Server certificate (PEM): serve HTTPS.")
+    key: Path | None = Field(default=None, description="The certificate's private key (PEM).")
 
     @field_validator("listen")
     @classmethod
@@ -42,6 +44,8 @@ class HttpSettings(Model):
 
     @model_validator(mode="after")
     def _credentials(self) -> Self:
+        if (self.cert is None) != (self.key is None):
+            raise ProblemAt(("key" if self.cert else "cert",), "cert and key go together")
         if (self.username is None) != (self.password_file is None):
             raise ProblemAt(("password_file" if self.username else "username",),
                             "username and password_file go together")  # fmt: skip
@@ -52,6 +56,10 @@ class HttpSettings(Model):
                 "(the health checks stay open)",
             )
         return self
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.cert is None else "https"
 
     @property
     def host(self) -> str:

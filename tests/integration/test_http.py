@@ -5,6 +5,7 @@ credentials it asks for."""
 from __future__ import annotations
 
 import base64
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from gateway.http.settings import HttpSettings
 from gateway.state import State
 from simulators.modbus import ModbusSimulator
 from tests.helpers import Mosquitto, eventually, running
+from tests.pki import make_pki
 
 TAGS = [
     {"name": "temperature", "table": "holding", "address": 0, "type": "float32", "unit": "Cel"},
@@ -255,3 +257,20 @@ def test_any_authorization_header_is_refused_but_the_right_ones(server: StatusSe
     # The scheme in any case, the credentials exact (whitespace around them aside).
     right = (scheme.lower(), value.strip()) in {("bearer", "t0ken"), ("basic", GOOD_BASIC.split()[1])}
     assert server._allowed(header) is right
+
+
+async def test_https_with_the_configured_certificate(
+    press: ModbusSimulator, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    listen = f"127.0.0.1:{free_port()}"
+    http_settings = {"listen": listen, "cert": str(pki.server_cert), "key": str(pki.server_key)}
+    text = config(press, mosquitto, tmp_path / "outbox.db", http_settings)
+    trusted = ssl.create_default_context(cafile=pki.ca)
+    async with running(text, tmp_path / "gw.yaml") as gateway, aiohttp.ClientSession() as http:
+        await _wait_for_state(gateway)
+        async with http.get(f"https://{listen}/api/status", ssl=trusted) as r:
+            assert r.status == 200
+            assert (await r.json())["gateway"]["id"] == "edge-h"
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):  # verified: the test CA, or nothing
+            await http.get(f"https://{listen}/livez")

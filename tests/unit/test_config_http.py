@@ -28,6 +28,7 @@ def _load(http: dict[str, Any] | None, tmp_path: Path) -> config.Settings:
 
 
 def _problems(http: dict[str, Any], tmp_path: Path) -> list[str]:
+    (tmp_path / "not-pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError) as err:
         _load(http, tmp_path)
     return err.value.problems
@@ -55,6 +56,8 @@ def test_on_by_default_on_localhost_only(tmp_path: Path) -> None:
         ),
         ({"username": "ops"}, "http.password_file: username and password_file go together"),
         ({"listen": "0.0.0.0:8710", "token_file": "missing"}, "http.token_file: no such file: "),
+        ({"cert": "server.pem"}, "http.key: cert and key go together"),
+        ({"cert": "not-pem", "key": "not-pem"}, "http.cert: "),
     ],
 )
 def test_what_is_refused(http: dict[str, Any], problem: str, tmp_path: Path) -> None:
