@@ -202,7 +202,6 @@ class Gateway:
         self._report_every = report_every  # seconds between the state summary lines
         self.state: State | None = None  # made by run(): devices, output, latest values
         self.outbox: Outbox | None = None  # open while run() runs
-        self._polling = False  # the pollers run
         self._running: list[asyncio.Task[None]] = []  # pollers and forward loops, while they should run
 
     def stop(self) -> None:
@@ -214,7 +213,7 @@ class Gateway:
         reasons = []
         if self.outbox is None:
             reasons.append("the outbox is not open (yet)")
-        if not self._polling:
+        if not self._running:
             reasons.append("the pollers are not running")
         # A poller or a forward loop runs until the gateway stops: one that ended is a bug.
         reasons += [f"{t.get_name()} ended" for t in self._running if t.done()]
@@ -268,7 +267,6 @@ class Gateway:
                     for d, c in collectors
                 ]  # fmt: skip
                 reporter = tasks.create_task(report(state, outbox, self._report_every), name="state report")
-                self._polling = True
                 self._running = [*pollers, *loops]
                 notifier = Notifier()
                 watchdog = []
@@ -283,7 +281,6 @@ class Gateway:
                     ", ".join(f"output {o.name} {o.settings.format} to {o.settings.url}" for o in outputs),
                 )  # fmt: skip
                 await self._stop.wait()
-                self._polling = False
                 self._running = []
                 notifier.send(STOPPING="1")
                 # Collectors first, so every reading they made is committed before we leave;

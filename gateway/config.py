@@ -420,36 +420,12 @@ def _resolve_files(doc: ConfigFile, file: str) -> Settings:
         for loc, output in doc.resolved_outputs()
     )
     devices = [PROTOCOLS[d.protocol].resolve_files(d, i, base, problems) for i, d in enumerate(doc.devices)]
-    secrets = {
-        key: resolve_file(base, value, f"http.{key}", SECRET_FILE, problems, secret=True)
-        for key in ("password_file", "token_file")
-        if (value := getattr(doc.http, key)) is not None
-    }
-    for key, what in (("cert", "the server certificate file (PEM)"), ("key", "its private key file (PEM)")):
-        if (value := getattr(doc.http, key)) is not None:
-            secrets[key] = resolve_file(base, value, f"http.{key}", what, problems, secret=False)
-    if doc.http.cert is not None and doc.http.key is not None and not problems:
-        try:
-            # (password="": an encrypted key fails here, rather than ask on the terminal)
-            server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            server.load_cert_chain(secrets["cert"], secrets["key"], password="")
-        except (OSError, ValueError) as exc:
-            problems.append(
-                f"http.cert: {shown(secrets['cert'])} and http.key: cannot load them as a PEM pair: {exc}"
-            )
-    for key, path in secrets.items():
-        if key in ("cert", "key"):
-            continue
-        # The secret is the first line: an empty one would let in anybody who sends nothing.
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            if path.is_file() and not read_secret(None, path):
-                problems.append(f"http.{key}: the first line of {shown(path)} is empty: put the secret there")
+    http = _resolve_http(doc.http, base, problems)
     if problems:
         raise ConfigError(file, problems)
     gateway = doc.gateway
     if gateway.pki_dir is not None:
         gateway = gateway.model_copy(update={"pki_dir": base / gateway.pki_dir})
-    http = doc.http.model_copy(update=secrets) if secrets else doc.http
     return Settings(gateway=gateway, outbox=outbox, http=http, outputs=outputs, devices=devices)
 
 
@@ -486,6 +462,42 @@ def _resolve_output(
         except ConfigError as exc:
             problems += exc.problems
     return output
+
+
+_HTTP_FILES = {
+    "password_file": SECRET_FILE,
+    "token_file": SECRET_FILE,
+    "cert": "the server certificate file (PEM)",
+    "key": "its private key file (PEM)",
+}
+
+
+def _resolve_http(http: HttpSettings, base: Path, problems: list[str]) -> HttpSettings:
+    """`http:` with its files relative to `base`: each there, a secret's first line not empty
+    (an empty one would let in anybody who sends nothing), and cert and key a PEM pair."""
+    found: dict[str, Path] = {}
+    for key, what in _HTTP_FILES.items():
+        if (value := getattr(http, key)) is None:
+            continue
+        secret = key.endswith("_file")
+        path = found[key] = resolve_file(base, value, f"http.{key}", what, problems, secret=secret)
+        if secret:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                if path.is_file() and not read_secret(None, path):
+                    problems.append(
+                        f"http.{key}: the first line of {shown(path)} is empty: put the secret there"
+                    )
+    if "cert" in found and "key" in found and not problems:
+        try:
+            # (password="": an encrypted key fails here, rather than ask on the terminal)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                found["cert"], found["key"], password=""
+            )
+        except (OSError, ValueError) as exc:
+            problems.append(
+                f"http.cert: {shown(found['cert'])} and http.key: cannot load them as a PEM pair: {exc}"
+            )
+    return http.model_copy(update=found) if found else http
 
 
 def _outbox_path(base: Path, value: Path, problems: list[str]) -> Path:

@@ -114,8 +114,8 @@ class Trend:
 
     def values(self) -> list[float]:
         """Oldest first."""
-        start = (self._next - self._count) % HISTORY
-        return [self._values[(start + i) % HISTORY] for i in range(self._count)]
+        v, cut = self._values, self._next
+        return v[:cut].tolist() if self._count < HISTORY else (v[cut:] + v[:cut]).tolist()
 
 
 @dataclass(slots=True)

@@ -7,13 +7,51 @@ values are what the outputs carry; the metrics say how the gateway is doing.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from gateway import __version__
-from gateway.state import State
+from gateway.state import DeviceState, OutputState, State
+
+E = TypeVar("E", DeviceState, OutputState)
+
+
+# Per device and per output: (family, help, counter or gauge, the figure of its entry).
+_DEVICE: list[tuple[str, str, bool, Callable[[DeviceState], float]]] = [
+    ("millwright_device_reads", "Read cycles that succeeded.", True, lambda d: d.reads),
+    ("millwright_device_read_errors", "Failed connects and reads.", True, lambda d: d.read_errors),
+    (
+        "millwright_device_missed_cycles",
+        "Poll ticks skipped because a read overran.",
+        True,
+        lambda d: d.missed,
+    ),
+    ("millwright_readings", "Readings taken in.", True, lambda d: d.readings),
+]
+_OUTPUT: list[tuple[str, str, bool, Callable[[OutputState], float]]] = [
+    ("millwright_output_connected", "1 while connected.", False, lambda o: 1.0 if o.connected else 0.0),
+    ("millwright_output_published", "Readings the broker confirmed.", True, lambda o: o.published),
+    ("millwright_output_refused", "Readings the broker refused for good.", True, lambda o: o.refused),
+    ("millwright_outbox_depth", "Readings the output has still to send.", False, lambda o: o.depth),
+    (
+        "millwright_outbox_dropped",
+        "Readings dropped for the output (cap, refusals).",
+        True,
+        lambda o: o.dropped,
+    ),
+]
+
+
+def _families(label: str, table: list[tuple[str, str, bool, Callable[[E], float]]],
+              entries: dict[str, E]) -> Iterator[Metric]:  # fmt: skip
+    for name, help_text, counter, figure in table:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, help_text, labels=[label])
+        for key, entry in entries.items():
+            family.add_metric([key], figure(entry))
+        yield family
 
 
 class StateCollector(Collector):
@@ -27,45 +65,11 @@ class StateCollector(Collector):
         up = GaugeMetricFamily(
             "millwright_device_up", "1 while the device answers.", labels=["device", "protocol"]
         )
-        reads = CounterMetricFamily(
-            "millwright_device_reads", "Read cycles that succeeded.", labels=["device"]
-        )
-        errors = CounterMetricFamily(
-            "millwright_device_read_errors", "Failed connects and reads.", labels=["device"]
-        )
-        missed = CounterMetricFamily(
-            "millwright_device_missed_cycles", "Poll ticks skipped because a read overran.", labels=["device"]
-        )
-        readings = CounterMetricFamily("millwright_readings", "Readings taken in.", labels=["device"])
         for name, d in s.devices.items():
             up.add_metric([name, d.protocol], 1.0 if d.up else 0.0)
-            reads.add_metric([name], d.reads)
-            errors.add_metric([name], d.read_errors)
-            missed.add_metric([name], d.missed)
-            readings.add_metric([name], d.readings)
-        yield from (up, reads, errors, missed, readings)
-
-        connected = GaugeMetricFamily("millwright_output_connected", "1 while connected.", labels=["output"])
-        published = CounterMetricFamily(
-            "millwright_output_published", "Readings the broker confirmed.", labels=["output"]
-        )
-        refused = CounterMetricFamily(
-            "millwright_output_refused", "Readings the broker refused for good.", labels=["output"]
-        )
-        depth = GaugeMetricFamily(
-            "millwright_outbox_depth", "Readings the output has still to send.", labels=["output"]
-        )
-        dropped = CounterMetricFamily(
-            "millwright_outbox_dropped", "Readings dropped for the output (cap, refusals).", labels=["output"]
-        )
-        for name, o in s.outputs.items():
-            connected.add_metric([name], 1.0 if o.connected else 0.0)
-            published.add_metric([name], o.published)
-            refused.add_metric([name], o.refused)
-            depth.add_metric([name], o.depth)
-            dropped.add_metric([name], o.dropped)
-        yield from (connected, published, refused, depth, dropped)
-
+        yield up
+        yield from _families("device", _DEVICE, s.devices)
+        yield from _families("output", _OUTPUT, s.outputs)
         oldest = s.outbox.oldest_age if s.outbox is not None else None
         yield GaugeMetricFamily(
             "millwright_outbox_oldest_age_seconds", "Age of the oldest reading in the outbox (0: empty).",

@@ -2,9 +2,9 @@
 `/readyz`, `/metrics`, `/api/status`, `/api/devices/{name}`.
 
 aiohttp in the gateway's event loop (its own signal handling off: the gateway has its own).
-Everything is read from the engine's `State`, and the outbox figures from `Outbox.stats()` at
-each request that shows them. Nothing here can hold up delivery: a handler that fails
-answers 500, and a port that is taken leaves the gateway running without the server.
+Everything is read from the engine's `State`, and the outbox figures from `Outbox.stats()`,
+once a second at most for every request together. A handler that fails answers 500, a tick
+that fails is logged, and a port that is taken leaves the gateway running without the server.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -178,7 +177,8 @@ class StatusServer:
         while not self._closing:
             started = time.monotonic()
             try:
-                self._turn()
+                if (sampled := self._sources.state()) is not None:
+                    sampled.sample()
                 if self._listeners:
                     await self._fresh_outbox()
                     state = self._sources.state()
@@ -195,11 +195,6 @@ class StatusServer:
             # A large gateway's snapshot takes long to make: then the page moves on less often,
             # so that the event loop spends a tenth of its time on it at most.
             await asyncio.sleep(max(TICK, 10 * (time.monotonic() - started)))
-
-    def _turn(self) -> None:
-        state = self._sources.state()
-        if state is not None:
-            state.sample()
 
     async def _fresh_outbox(self) -> None:
         """Fresh outbox figures in the state: one query a second at most, shared by every
@@ -285,22 +280,18 @@ class StatusServer:
             "depth": o.depth, "oldest_age": o.oldest_age, "dropped": o.dropped, "bytes": o.bytes,
             "last_seq": o.last_seq,
         }  # fmt: skip
-        if outbox is not None and (path := self._outbox_path()) is not None:
+        if outbox is not None and (opened := self._sources.outbox()) is not None:
             with suppress(OSError):
-                outbox["free_disk"] = shutil.disk_usage(path.parent).free
+                outbox["free_disk"] = shutil.disk_usage(opened.path.parent).free
         return {
             "gateway": {"id": self._id, "version": __version__, "started": iso_millis(state.started),
                         "uptime": round(now - state.started, 3), "readings": state.readings,
                         "now": iso_millis(now),
                         "config_file": self._sources.config_file},
-            "devices": [_device(d, state) for d in state.devices.values()],
+            "devices": [_device(d) for d in state.devices.values()],
             "outputs": [_output(out) for out in state.outputs.values()],
             "outbox": outbox,
         }  # fmt: skip
-
-    def _outbox_path(self) -> Path | None:
-        outbox = self._sources.outbox()
-        return None if outbox is None else outbox.path
 
     async def _device(self, request: web.Request) -> web.Response:
         state = await self._state()
@@ -309,7 +300,7 @@ class StatusServer:
         if device is None:
             raise web.HTTPNotFound(text=f"no device {name!r}\n")
         tags = [_reading(r) for (d, _), r in state.latest.items() if d == name]
-        return web.json_response({**_device(device, state), "tags": tags})
+        return web.json_response({**_device(device), "tags": tags})
 
 
 # How a server without credentials may be named in a request's Host (with its port).
@@ -328,7 +319,7 @@ def _event(snapshot: dict[str, Any]) -> bytes:
     return f"event: status\ndata: {data}\n\n".encode()
 
 
-def _device(d: DeviceState, state: State) -> dict[str, Any]:
+def _device(d: DeviceState) -> dict[str, Any]:
     return {
         "name": d.name, "protocol": d.protocol, "up": d.up, "since": iso_millis(d.since),
         "last_error": d.last_error, "reads": d.reads, "read_errors": d.read_errors, "missed": d.missed,
@@ -348,8 +339,6 @@ def _reading(r: Reading) -> dict[str, Any]:
     value = r.value
     if isinstance(value, float) and not math.isfinite(value):
         value = None  # JSON has no NaN: as the UNS payload does
-    elif isinstance(value, bytes | bytearray):
-        value = value.hex()
     doc: dict[str, Any] = {"tag": r.tag, "value": value, "quality": r.quality.value,
                            "timestamp": iso_millis(r.timestamp), "unit": r.unit}  # fmt: skip
     if r.status:

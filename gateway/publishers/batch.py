@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 # A PUBLISH beyond its payload and topic: fixed header (5 bytes at most), topic length (2),
 # packet id (2), MQTT 5 properties length (1).
 _PACKET_OVERHEAD = 10
-# The events topic of Azure IoT Hub, with the property bag that says the body is UTF-8 JSON
-# (so that the hub's message routing can query it).
-IOT_HUB_TOPIC = "devices/{device_id}/messages/events/$.ct=application%2Fjson&$.ce=utf-8"
 
 
 class BatchPublisher(UnsPublisher):
@@ -55,12 +52,10 @@ class BatchPublisher(UnsPublisher):
         devices: Mapping[str, tuple[AssetPath, dict[str, Any]]],
         *,
         max_message_bytes: int | None = None,
-        fixed_topic: str | None = None,
         **options: Any,
     ) -> None:
         super().__init__(connection, gateway, devices, **options)
         self._limit = max_message_bytes or DEFAULT_BATCH_BYTES
-        self._fixed_topic = fixed_topic
         self._heads: dict[str, tuple[str, bytes]] = {}  # device -> topic, payload up to the readings
         self._tags: dict[str, bytes] = {}  # tag name -> the start of its reading, `{"tag":"name",`
 
@@ -70,7 +65,7 @@ class BatchPublisher(UnsPublisher):
             asset = self.asset(device)
             doc = {"device": device, "path": asset_levels(asset), "readings": []}
             start = _encode(doc)[:-2]  # without the closing `]}`
-            topic = self._fixed_topic or self._template.render(asset, self._gateway.id)
+            topic = self._template.render(asset, self._gateway.id)
             head = self._heads[device] = topic, start.encode()
         return head
 
@@ -163,16 +158,9 @@ def _per_entry(lost: BrokerUnavailable, carried: list[list[int]], count: int) ->
 def build(context: OutputContext) -> BatchPublisher:
     """The batch JSON publisher of one output (FORMATS["batch"])."""
     output = context.output
-    fixed = None
-    if output.platform == "azure-iot-hub" and output.azure is not None:
-        fixed = IOT_HUB_TOPIC.format(device_id=output.azure.device_id)
     _, publisher = connect_uns(
-        output,
-        context.settings.gateway,
-        described(context),
-        BatchPublisher,
+        output, context.settings.gateway, described(context), BatchPublisher,
         max_message_bytes=output.max_message_bytes,
-        fixed_topic=fixed,
-    )
+    )  # fmt: skip
     assert isinstance(publisher, BatchPublisher)
     return publisher

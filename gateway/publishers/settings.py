@@ -66,6 +66,10 @@ class SparkplugSettings(Model):
     )
 
 
+def iot_hub_username(hub: str, device_id: str) -> str:
+    return f"{hub}/{device_id}/?api-version={AZURE_API_VERSION}"
+
+
 class AzureSettings(Model):
     """An Azure IoT Hub device identity: the hub, the device id, and a SAS key or certificate."""
 
@@ -92,7 +96,7 @@ class AzureSettings(Model):
 
     @property
     def username(self) -> str:
-        return f"{self.hub}/{self.device_id}/?api-version={AZURE_API_VERSION}"
+        return iot_hub_username(self.hub, self.device_id)
 
     @property
     def renew_after(self) -> float:
@@ -236,8 +240,7 @@ class MqttSettings(Model):
         if p.name == "azure-iot-hub" and isinstance(azure, dict):
             hub, device = azure.get("hub"), azure.get("device_id")
             if isinstance(hub, str) and isinstance(device, str):
-                username = f"{hub}/{device}/?api-version={AZURE_API_VERSION}"
-                defaults |= {"client_id": device, "username": username}
+                defaults |= {"client_id": device, "username": iot_hub_username(hub, device)}
         # A null is no value: it must not switch a platform's limit off.
         return {**defaults, **{k: v for k, v in data.items() if v is not None or k not in defaults}}
 
@@ -372,7 +375,13 @@ class MqttSettings(Model):
 
     @property
     def template(self) -> topics.Template:
-        """The topic template of the readings: `topic`, or the format's default."""
+        """The topic template of the readings: `topic`, the platform's own topic, or the
+        format's default."""
+        if self.platform == "azure-iot-hub" and self.azure is not None:
+            # (the device id has no braces, which str.format would take for a placeholder)
+            return topics.Template(
+                topics.IOT_HUB_EVENTS.replace("{device_id}", self.azure.device_id), frozenset()
+            )
         if self.topic is not None:
             return topics.parse(self.topic)
         return topics.parse(topics.BATCH_TOPIC if self.format == "batch" else topics.UNS_TOPIC)

@@ -15,6 +15,9 @@ from gateway.model import AssetPath
 PLACEHOLDERS = ("enterprise", "site", "area", "line", "device", "tag", "gateway")
 UNS_TOPIC = "{enterprise}/{site}/{area}/{line}/{device}/{tag}"
 BATCH_TOPIC = "{enterprise}/{site}/{area}/{line}/{device}"
+# Azure IoT Hub takes telemetry on its device's events topic only; the property bag says the
+# body is UTF-8 JSON, so that the hub's message routing can query it.
+IOT_HUB_EVENTS = "devices/{device_id}/messages/events/$.ct=application%2Fjson&$.ce=utf-8"
 
 
 @dataclass(frozen=True, slots=True)

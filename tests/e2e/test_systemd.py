@@ -52,16 +52,9 @@ async def test_ready_watchdog_status_and_stopping(
     systemd: tuple[Path, socket.socket],
 ) -> None:  # fmt: skip
     path, sock = systemd
-    config = {
-        "gateway": {"id": "edge-sd", "enterprise": "acme", "site": "s", "area": "a", "line": "l"},
-        "outbox": {"path": str(tmp_path / "outbox.db")},
-        "http": {"enabled": False},
-        "mqtt": {"url": mosquitto.url},
-        "devices": [{"name": "press-1", "protocol": "modbus", "host": "127.0.0.1", "port": press.port,
-                     "poll": "100ms", "tags": [{"name": "t", "table": "holding", "address": 0}]}],
-    }  # fmt: skip
     # WatchdogSec=0.4 s: a ping every 0.2 s.
-    gateway = run_gateway(config, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+    gateway = run_gateway(_config(press, mosquitto, tmp_path), env=env)
     got: list[dict[str, str]] = []
     await eventually(lambda: sum("WATCHDOG" in m for m in drain(sock, got)) >= 3, timeout=20,
                      what="three watchdog pings")  # fmt: skip
